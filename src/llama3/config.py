@@ -43,6 +43,9 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     # The FFN size when the checkpoint states it; None = Meta's rule (see hidden_dim).
     ffn_hidden_dim: int | None = None
+    # Explicit per-band RoPE frequency divisors (a GGUF's rope_freqs tensor); overrides the
+    # use_scaled_rope rule when set. head_dim // 2 values.
+    rope_freq_divisors: tuple[float, ...] | None = None
     # Where the args came from (a preset's source, a checkpoint path); informational.
     source: str = field(default="", compare=False)
 
@@ -81,6 +84,13 @@ class ModelArgs:
             raise ValueError(f"n_heads ({self.n_heads}) is not divisible by n_kv_heads ({self.kv_heads})")
         if self.head_dim % 2 != 0:
             raise ValueError(f"head_dim ({self.head_dim} = dim / n_heads) must be even for rotary embeddings")
+        if self.rope_freq_divisors is not None:
+            self.rope_freq_divisors = tuple(float(x) for x in self.rope_freq_divisors)
+            if len(self.rope_freq_divisors) != self.head_dim // 2:
+                raise ValueError(f"rope_freq_divisors has {len(self.rope_freq_divisors)} values, "
+                                 f"expected head_dim / 2 = {self.head_dim // 2}")
+            if not all(math.isfinite(x) and x > 0 for x in self.rope_freq_divisors):
+                raise ValueError("rope_freq_divisors must be positive and finite")
 
     # ---------------------------------------------------------------- derived
     @property

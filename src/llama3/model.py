@@ -32,10 +32,10 @@ Tap = Callable[[str, torch.Tensor], None]
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x²) + eps) * weight, computed in float32 and cast back (as Meta's)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, device=None):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(dim, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
@@ -55,7 +55,9 @@ def rope_frequencies(args: ModelArgs) -> torch.Tensor:
     """
     hd = args.head_dim
     freqs = 1.0 / (args.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64)[: hd // 2] / hd))
-    if args.use_scaled_rope:
+    if args.rope_freq_divisors is not None:  # given by the checkpoint (GGUF rope_freqs)
+        freqs = freqs / torch.tensor(args.rope_freq_divisors, dtype=torch.float64)
+    elif args.use_scaled_rope:
         freqs = freqs / rope_scaling_divisors(args, freqs)
     return freqs.float()
 
@@ -108,6 +110,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """A view of rows [start, stop) that shares this cache's memory (for per-row prefill)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.max_batch_size, view.max_seq_len = stop - start, self.max_seq_len
+        view.register_buffer("k", self.k[:, start:stop], persistent=False)
+        view.register_buffer("v", self.v[:, start:stop], persistent=False)
+        return view
+
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Write k, v (batch, seq, n_kv_heads, head_dim) at positions (batch or 1, seq);
         return this layer's keys and values for positions < kv_len, (batch, n_kv_heads, kv_len, head_dim)."""
@@ -128,15 +139,15 @@ class KVCache(nn.Module):
 class Attention(nn.Module):
     """Multi-head attention with grouped-query heads: n_heads queries share n_kv_heads K/V."""
 
-    def __init__(self, args: ModelArgs, layer_id: int = 0):
+    def __init__(self, args: ModelArgs, layer_id: int = 0, device=None):
         super().__init__()
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
         self.n_rep = args.n_rep
-        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False, device=device)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False, device=device)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False, device=device)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False, device=device)
         self.tap: Tap | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
@@ -181,11 +192,11 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1·x) * w3·x). w1 is the gate, w3 the up projection, w2 the down."""
 
-    def __init__(self, dim: int, hidden_dim: int):
+    def __init__(self, dim: int, hidden_dim: int, device=None):
         super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False, device=device)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False, device=device)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False, device=device)
         self.tap: Tap | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -199,13 +210,13 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, layer_id: int, args: ModelArgs):
+    def __init__(self, layer_id: int, args: ModelArgs, device=None):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args, layer_id)
-        self.feed_forward = FeedForward(args.dim, args.hidden_dim)
-        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.attention = Attention(args, layer_id, device)
+        self.feed_forward = FeedForward(args.dim, args.hidden_dim, device)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps, device=device)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps, device=device)
         self.tap: Tap | None = None
 
     def forward(self, x, cos, sin, positions, cache, kv_len):
@@ -223,17 +234,25 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, device=None):
+        """``device="meta"`` builds the structure without memory; a loader then assigns tensors."""
         super().__init__()
         self.args = args
         self.vocab_size, self.n_layers = args.vocab_size, args.n_layers
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # nn.Embedding's N(0, 1) init, skipped on the meta device (normal_ there is slow to set up).
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim,
+                                           _weight=torch.empty(args.vocab_size, args.dim, device=device))
+        if not self.tok_embeddings.weight.is_meta:
+            nn.init.normal_(self.tok_embeddings.weight)
+        self.layers = nn.ModuleList(TransformerBlock(i, args, device) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps, device=device)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False, device=device)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight  # shared, not copied
-        cos, sin = rope_tables(args, device=self.tok_embeddings.weight.device)
+        if self.tok_embeddings.weight.is_meta:  # the loader calls reset_rope() once tensors are real
+            cos = sin = torch.empty(args.max_seq_len, args.head_dim // 2, device="meta")
+        else:
+            cos, sin = rope_tables(args, device=self.tok_embeddings.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.tap: Tap | None = None

@@ -7,12 +7,16 @@ wq and wk with the rows of each head permuted. ``hf_to_meta_qk`` undoes that per
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import struct
+from pathlib import Path
 
 import torch
 
 from ..config import ModelArgs
-from .common import CheckpointError
+from .common import CheckpointError, check_state_dict
 
 
 def hf_to_meta_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -125,3 +129,92 @@ def args_from_hf_config(config: dict, path: str = "config.json", **overrides) ->
         return ModelArgs(**fields)
     except (ValueError, TypeError) as e:
         raise CheckpointError(path, f"invalid configuration: {e}") from None
+
+
+def check_safetensors_header(path) -> None:
+    """Refuse a safetensors file whose stated header is longer than the file itself."""
+    size = os.path.getsize(path)
+    if size < 8:
+        raise CheckpointError(path, f"file is truncated: {size} bytes is too short for a safetensors header")
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    if n > size - 8:
+        raise CheckpointError(path, f"safetensors header length {n} is larger than the file ({size} bytes): "
+                                    "truncated or corrupt")
+
+
+def safetensors_files(folder: Path) -> list[Path]:
+    """The weight files of a folder: those named by model.safetensors.index.json, or all *.safetensors."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(index, f"not a valid safetensors index: {e}") from None
+        files = []
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+                raise CheckpointError(index, f"shard name {name!r} is not a plain file name in this folder")
+            if not (folder / name).is_file():
+                raise CheckpointError(index, f"shard {name!r} named by the index does not exist")
+            files.append(folder / name)
+        return files
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(folder, "no *.safetensors files")
+    return files
+
+
+def load_hf(folder, dtype: torch.dtype = torch.float32, progress=None) -> tuple[ModelArgs, dict]:
+    """Args and a Meta-named state dict from an HF folder (config.json + safetensors)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(config_path, f"cannot read config: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(config_path, "config.json is not a JSON object")
+    args = args_from_hf_config(config, config_path)
+    files = safetensors_files(folder)
+
+    # First pass: names and shapes only (no tensor data read), checked against the config.
+    where: dict[str, tuple[Path, str]] = {}
+    shapes = {}
+    for file in files:
+        check_safetensors_header(file)
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    meta = meta_name(key)
+                    if meta is None:
+                        if "rotary_emb" in key:
+                            continue
+                        raise CheckpointError(file, f"unexpected tensor {key!r} for a Llama model")
+                    if meta in where:
+                        raise CheckpointError(file, f"tensor {key!r} appears in two files")
+                    where[meta] = (file, key)
+                    shapes[meta] = torch.empty(f.get_slice(key).get_shape(), device="meta")
+        except SafetensorError as e:
+            raise CheckpointError(file, f"invalid safetensors file: {e}") from None
+    check_state_dict(folder, args, shapes)
+
+    state = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for meta, (src, key) in where.items():
+                    if src != file:
+                        continue
+                    tensor = convert_tensor(meta, f.get_tensor(key), args)
+                    state[meta] = tensor.to(dtype)
+                    if progress is not None:
+                        progress(tensor.numel() * tensor.element_size())
+        except SafetensorError as e:
+            raise CheckpointError(file, f"invalid safetensors file: {e}") from None
+    if args.tie_word_embeddings:
+        state.pop("output.weight", None)
+    return args, state
