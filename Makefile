@@ -19,7 +19,10 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 run: setup
-	$(PY) -c "import torch, llama3; a = llama3.ModelArgs.from_preset('llama-3.2-1b', dim=256, n_layers=2, vocab_size=1000, max_seq_len=64); m = llama3.Transformer(a).eval(); t = torch.randint(0, 1000, (1, 8)); print(a); print('tokens', tuple(t.shape), '-> logits', tuple(m(t).shape))"
+	$(VENV)/bin/llama3 generate --max-tokens 64 "$(PROMPT)"
+	@echo
+	@echo "Chat with it:        $(VENV)/bin/llama3 chat"
+	@echo "Other models:        $(VENV)/bin/llama3 generate --model PATH 'prompt'   (a .gguf, HF or Meta folder)"
 
 test: setup
 	$(PY) -m pytest

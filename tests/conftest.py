@@ -1,7 +1,32 @@
 import os
 import sys
 
+import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """Our Llama on the embedded SmolLM2-135M-Instruct GGUF (float32, CPU)."""
+    import llama3
+
+    return llama3.load(quiet=True, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+    """transformers' own loading of the same GGUF file (it dequantizes to float32): (model, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging
+
+    from helpers import smollm2_path
+
+    logging.disable_progress_bar()
+    path = smollm2_path()
+    folder, name = os.path.dirname(path), os.path.basename(path)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    return model, tokenizer
