@@ -116,28 +116,57 @@ class JinjaChatFormat:
         markers = [f"\x00{uuid.uuid4().hex}\x00" for _ in messages]
         masked = [dict(m, content=k) for m, k in zip(messages, markers)]
         skeleton = self.render_text(masked, add_generation_prompt)
-        ids = self._encode_pieces(skeleton, markers, messages)
-        if ids is None:  # the template transformed the contents; encode the text, refusing injected markup
+        spans = _content_spans(skeleton, markers, messages, text)
+        if spans is None:  # the template transformed the contents; refuse injected markup instead
             for m in messages:
                 hits = [name for name in self.tokenizer.special_tokens if name in m["content"]]
                 if hits:
                     raise ValueError(f"message content contains special-token text {hits[0]!r}, which this "
                                      "chat template cannot keep apart from its own markup")
-            ids = self.tokenizer.encode(text, allow_special=True)
+            spans = []
+        ids = self._encode_outside(text, spans)
         bos = self.tokenizer.bos_id
         if self.tokenizer.add_bos and bos is not None and (not ids or ids[0] != bos):
             ids = [bos] + ids  # the tokenizer adds BOS and the template did not
         return text, ids
 
-    def _encode_pieces(self, skeleton: str, markers: list[str], messages) -> list[int] | None:
+    def _encode_outside(self, text: str, spans: list[tuple[int, int]]) -> list[int]:
+        """Encode ``text`` as the tokenizer would with special tokens allowed, except that special-token
+        names inside the message contents (``spans``) stay plain text. Splitting only at the format's
+        own special tokens keeps the tokens identical to encoding the whole string."""
+        special = self.tokenizer.special_tokens
         ids: list[int] = []
-        rest = skeleton
-        for marker, m in zip(markers, messages):
-            if rest.count(marker) != 1:
-                return None
-            before, rest = rest.split(marker)
-            ids += self.tokenizer.encode(before, allow_special=True) + self.tokenizer.encode(m["content"])
-        return ids + self.tokenizer.encode(rest, allow_special=True)
+        start = 0
+        for m in self._special_re().finditer(text):
+            if any(a < m.end() and m.start() < b for a, b in spans):
+                continue
+            ids += self.tokenizer.encode(text[start:m.start()]) + [special[m.group()]]
+            start = m.end()
+        return ids + self.tokenizer.encode(text[start:])
+
+    def _special_re(self):
+        import re
+
+        if not hasattr(self, "_special_pattern"):
+            names = sorted(self.tokenizer.special_tokens, key=len, reverse=True)
+            self._special_pattern = re.compile("|".join(map(re.escape, names)) or "(?!)")
+        return self._special_pattern
+
+
+def _content_spans(skeleton: str, markers: list[str], messages, text: str) -> list[tuple[int, int]] | None:
+    """Where each message's content sits in the rendered text, or None if the template did not
+    place every content exactly once and unchanged."""
+    spans, out, rest = [], [], skeleton
+    for marker, m in zip(markers, messages):
+        if rest.count(marker) != 1:
+            return None
+        before, rest = rest.split(marker)
+        out.append(before)
+        start = sum(map(len, out))
+        out.append(m["content"])
+        spans.append((start, start + len(m["content"])))
+    out.append(rest)
+    return spans if "".join(out) == text else None
 
 
 def _raise_exception(message: str):
