@@ -21,8 +21,8 @@ EPILOG_CHAT = """examples:
   llama3 chat --system "You answer in one sentence."
   printf 'Hi!\\nWhat is 2+2?\\n' | llama3 chat --temperature 0
 
-in the session: /reset clears the history, /system TEXT sets the system prompt, /exit or Ctrl-D
-leaves, Ctrl-C stops the current reply and keeps the session.
+in the session: /reset clears the history, /history shows it, /system TEXT sets the system prompt,
+/exit or Ctrl-D leaves, Ctrl-C stops the current reply and keeps the session.
 """
 
 
@@ -142,6 +142,11 @@ def cmd_chat(ns) -> int:
         if text == "/reset":
             history = []
             print("[history cleared]", file=sys.stderr)
+            continue
+        if text == "/history":
+            for m in ([{"role": "system", "content": system}] if system else []) + history:
+                print(f"[{m['role']}] {m['content']}", file=sys.stderr)
+            print(f"[{len(history)} messages]", file=sys.stderr)
             continue
         if text.startswith("/system"):
             system = text[len("/system"):].strip() or None

@@ -185,8 +185,11 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # (batch, seq, dim)
         if tap:
-            tap("attn_heads", out)
-        return self.wo(out)
+            tap("heads_concat", out)
+        out = self.wo(out)
+        if tap:
+            tap("out", out)
+        return out
 
 
 class FeedForward(nn.Module):
@@ -204,8 +207,9 @@ class FeedForward(nn.Module):
         if tap:
             gate, up = self.w1(x), self.w3(x)
             act = F.silu(gate) * up
-            tap("gate", gate), tap("up", up), tap("act", act)
-            return self.w2(act)
+            down = self.w2(act)
+            tap("gate", gate), tap("up", up), tap("silu_gate_x_up", act), tap("down", down)
+            return down
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -222,14 +226,15 @@ class TransformerBlock(nn.Module):
     def forward(self, x, cos, sin, positions, cache, kv_len):
         tap = self.tap
         xn = self.attention_norm(x)
-        attn = self.attention(xn, cos, sin, positions, cache, kv_len)
-        h = x + attn
-        hn = self.ffn_norm(h)
-        ffn = self.feed_forward(hn)
-        out = h + ffn
         if tap:
-            tap("attention_norm", xn), tap("attention_out", attn), tap("residual_attn", h)
-            tap("ffn_norm", hn), tap("ffn_out", ffn), tap("residual_ffn", out)
+            tap("attention_norm", xn)
+        h = x + self.attention(xn, cos, sin, positions, cache, kv_len)  # attention's output joins the residual
+        hn = self.ffn_norm(h)
+        if tap:
+            tap("residual_attn", h), tap("ffn_norm", hn)
+        out = h + self.feed_forward(hn)
+        if tap:
+            tap("residual_ffn", out)
         return out
 
 
