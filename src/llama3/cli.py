@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -172,6 +173,104 @@ def cmd_chat(ns) -> int:
         history.append({"role": "assistant", "content": "".join(reply)})
 
 
+# ------------------------------------------------------------------------- look inside
+def cmd_explain(ns) -> int:
+    import json
+
+    from .explain.glossary import checkpoint_param_counts, explain, format_compare, format_text, resolve
+
+    def info_for(target):
+        args, shapes, label = resolve(target)
+        counts = checkpoint_param_counts(shapes) if shapes is not None else None
+        return explain(args, tensor_counts=counts, batch=ns.batch, context=ns.context,
+                       bandwidth_gbs=ns.bandwidth), label
+
+    if ns.compare:
+        (a, la), (b, lb) = info_for(ns.compare[0]), info_for(ns.compare[1])
+        print(json.dumps({la: a, lb: b}, indent=2, default=str) if ns.json else format_compare(a, b, la, lb))
+        return 0
+    info, label = info_for(ns.target)
+    print(json.dumps(info, indent=2, default=str) if ns.json else format_text(info, label))
+    return 0
+
+
+def _prompt_tokens(llm, prompt):
+    import torch
+
+    if prompt is None or prompt == "-":
+        prompt = sys.stdin.read()
+    ids = llm.encode_prompt(prompt)
+    if len(ids) > llm.generator.context:
+        raise ValueError(f"the prompt has {len(ids)} tokens, but the context holds {llm.generator.context}")
+    return torch.tensor([ids], device=llm.device), [llm.tokenizer.decode([i]) for i in ids]
+
+
+def _layers(text, n):
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--layers must be comma-separated integers like 0,1,-1, got {text!r}") from None
+
+
+def cmd_trace(ns) -> int:
+    import torch
+
+    from .explain.trace import Trace, trace_text
+
+    llm = _load(ns)
+    tokens, texts = _prompt_tokens(llm, ns.prompt)
+    layers = _layers(ns.layers, llm.args.n_layers) or [0, -1]
+    seq = tokens.shape[1]
+    if not -seq <= ns.position < seq:
+        raise ValueError(f"--position {ns.position} is outside the prompt's {seq} tokens")
+    a = llm.args
+    print(f"prompt: {seq} tokens {texts}")
+    print(f"model: dim {a.dim}, {a.n_layers} layers, {a.n_heads} query heads sharing {a.kv_heads} KV heads "
+          f"({a.n_rep} per group), head_dim {a.head_dim}, FFN {a.hidden_dim}")
+    print(f"statistics at position {ns.position} ({texts[ns.position]!r}); attention rows are that query's\n")
+    with torch.inference_mode(), Trace(llm.model, layers=layers) as t:
+        logits = llm.model(tokens)
+    print(trace_text(t.records, position=ns.position))
+    probs = torch.softmax(logits[0, ns.position], dim=-1)
+    top = torch.topk(probs, ns.top_k)
+    print("\nnext token after position", ns.position, ":",
+          ", ".join(f"{llm.tokenizer.decode([int(i)])!r} {float(p):.3f}" for p, i in zip(top.values, top.indices)))
+    return 0
+
+
+def cmd_lens(ns) -> int:
+    from .explain.lens import lens_heatmap, lens_table, logit_lens
+
+    llm = _load(ns)
+    tokens, texts = _prompt_tokens(llm, ns.prompt)
+    positions = None if not ns.all_positions else list(range(tokens.shape[1]))
+    rows = logit_lens(llm.model, tokens, top_k=ns.top_k, positions=positions)
+    print(lens_table(rows, llm.tokenizer.decode))
+    if ns.all_positions:
+        os.makedirs(ns.out, exist_ok=True)
+        path = os.path.join(ns.out, "lens.png")
+        lens_heatmap(rows, texts, llm.tokenizer.decode, path)
+        print(f"\nheatmap: {path}", file=sys.stderr)
+    return 0
+
+
+def cmd_attention(ns) -> int:
+    from .explain.attention import attention_maps, save_attention_pngs
+
+    llm = _load(ns)
+    tokens, texts = _prompt_tokens(llm, ns.prompt)
+    n = llm.args.n_layers
+    if not -n <= ns.layer < n:
+        raise ValueError(f"--layer {ns.layer} does not exist: the model has layers 0..{n - 1}")
+    layer = ns.layer % n
+    probs = attention_maps(llm.model, tokens, layer)
+    for path in save_attention_pngs(probs, texts, ns.out, layer, ns.head):
+        print(path)
+    return 0
+
+
 # ---------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -196,7 +295,70 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(c)
     _sampling_args(c, max_tokens=1024)
     c.set_defaults(func=cmd_chat)
+
+    e = sub.add_parser("explain", help="a model's config, explained: derived sizes, parameters, memory, speed",
+                       description="Every config field with its meaning, the numbers derived from them with the "
+                                   "arithmetic shown, parameters per component, memory and the decode speed limit.",
+                       epilog="examples:\n  llama3 explain\n  llama3 explain llama-3.1-8b --context 8192 --batch 1\n"
+                              "  llama3 explain --compare llama-3.2-1b llama-3.2-3b\n"
+                              "  llama3 explain ./model.gguf --json\n\npresets: " + ", ".join(_presets()),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("target", nargs="?", default=None, metavar="MODEL|PRESET",
+                   help="a checkpoint path or a preset name (default: the embedded model)")
+    e.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two models or presets side by side")
+    e.add_argument("--json", action="store_true", help="machine-readable output")
+    e.add_argument("--batch", type=int, default=None, help="KV cache batch (default: max_batch_size)")
+    e.add_argument("--context", type=int, default=None, help="KV cache context (default: max_seq_len)")
+    e.add_argument("--bandwidth", type=float, default=20.0, metavar="GB/S",
+                   help="memory bandwidth for the decode speed limit (default: 20, this machine's)")
+    e.set_defaults(func=cmd_explain)
+
+    t = sub.add_parser("trace", help="one forward pass, stage by stage, with shapes and statistics",
+                       description="Run the prompt once and show every stage of the chosen blocks: shapes, dtype, "
+                                   "mean, std, min, max and RMS at one position.",
+                       epilog="examples:\n  llama3 trace \"The capital of France is\"\n"
+                              "  llama3 trace --layers 0,5,-1 --position 2 \"Hello world\"",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("prompt", nargs="?", default=None)
+    t.add_argument("--layers", default=None, help="comma-separated blocks to show, negatives from the end "
+                                                  "(default: 0,-1)")
+    t.add_argument("--position", type=int, default=-1, help="which token's statistics (default: -1, the last)")
+    t.add_argument("--top-k", type=int, default=5, help="next tokens to list (default: 5)")
+    _model_args(t)
+    t.set_defaults(func=cmd_trace)
+
+    lens = sub.add_parser("lens", help="the logit lens: what each layer would predict",
+                          description="Apply the final norm and the output projection to every layer's residual "
+                                      "stream and list the top next tokens.",
+                          epilog="examples:\n  llama3 lens \"The capital of France is\"\n"
+                                 "  llama3 lens --all-positions --out lens_out \"The Eiffel Tower is in\"",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    lens.add_argument("prompt", nargs="?", default=None)
+    lens.add_argument("--top-k", type=int, default=5, help="tokens per layer (default: 5)")
+    lens.add_argument("--all-positions", action="store_true", help="every position, plus a heatmap PNG")
+    lens.add_argument("--out", default=".", metavar="DIR", help="where the heatmap goes (default: .)")
+    _model_args(lens)
+    lens.set_defaults(func=cmd_lens)
+
+    at = sub.add_parser("attention", help="attention maps as PNG heatmaps (and .npy)",
+                        description="Draw one layer's attention probabilities, tokens on both axes: one PNG per "
+                                    "head and a grid of all heads, with the numbers as .npy.",
+                        epilog="examples:\n  llama3 attention \"The cat sat on the mat\" --layer 3 --out maps\n"
+                               "  llama3 attention --layer -1 --head 0 --out maps \"Hello world\"",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    at.add_argument("prompt", nargs="?", default=None)
+    at.add_argument("--layer", type=int, required=True, help="which block (negatives count from the end)")
+    at.add_argument("--head", type=int, default=None, help="one head only (default: every head and a grid)")
+    at.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG and .npy files")
+    _model_args(at)
+    at.set_defaults(func=cmd_attention)
     return parser
+
+
+def _presets():
+    from .config import PRESETS
+
+    return list(PRESETS)
 
 
 def main(argv: list[str] | None = None) -> int:
