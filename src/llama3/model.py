@@ -148,15 +148,21 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False, device=device)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False, device=device)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False, device=device)
+        self.wqkv: nn.Module | None = None  # wq, wk, wv in one matrix (set by llama3.quantize.fuse)
         self.tap: Tap | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                 cache: KVCache | None, kv_len: int) -> torch.Tensor:
         batch, seq, _ = x.shape
         tap = self.tap
-        q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)  # (batch, seq, n_heads, head_dim)
-        k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)  # (batch, seq, n_kv_heads, head_dim)
-        v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)
+        if self.wqkv is not None:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q = q.view(batch, seq, self.n_heads, self.head_dim)  # (batch, seq, n_heads, head_dim)
+        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)  # (batch, seq, n_kv_heads, head_dim)
+        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
         if tap:
             tap("q", q), tap("k", k), tap("v", v)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -200,17 +206,20 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False, device=device)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False, device=device)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False, device=device)
+        self.w13: nn.Module | None = None  # w1 and w3 in one matrix (set by llama3.quantize.fuse)
         self.tap: Tap | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tap = self.tap
-        if tap:
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
             gate, up = self.w1(x), self.w3(x)
-            act = F.silu(gate) * up
-            down = self.w2(act)
+        act = F.silu(gate) * up
+        down = self.w2(act)
+        if tap:
             tap("gate", gate), tap("up", up), tap("silu_gate_x_up", act), tap("down", down)
-            return down
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return down
 
 
 class TransformerBlock(nn.Module):
@@ -264,11 +273,12 @@ class Transformer(nn.Module):
 
     def reset_rope(self, device=None) -> None:
         """Recompute the RoPE tables (after building on the meta device, or changing args)."""
-        device = device or self.tok_embeddings.weight.device
+        device = device or self.norm.weight.device
         self.rope_cos, self.rope_sin = rope_tables(self.args, device=device)
 
     def tie_weights(self) -> None:
-        if self.args.tie_word_embeddings:
+        if self.args.tie_word_embeddings and isinstance(self.tok_embeddings, nn.Embedding) \
+                and isinstance(self.output, nn.Linear):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0,

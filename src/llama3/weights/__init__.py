@@ -82,8 +82,10 @@ def _progress(total_bytes: int, desc: str, quiet: bool):
                 file=sys.stderr, leave=False)
 
 
-def load_checkpoint(path=None, dtype: torch.dtype = torch.float32, quiet: bool = False) -> Checkpoint:
-    """Read a checkpoint of any supported format into Meta-named tensors of ``dtype``."""
+def load_checkpoint(path=None, dtype: torch.dtype = torch.float32, quiet: bool = False,
+                    keep_quantized: bool = False) -> Checkpoint:
+    """Read a checkpoint of any supported format into Meta-named tensors of ``dtype`` (with
+    ``keep_quantized``, a GGUF's Q8_0/Q4_0/Q4_1 matrices stay in blocks as ``QuantTensor``)."""
     path = default_model_path() if path is None else Path(os.path.expanduser(str(path)))
     fmt, target = detect_format(path)
     size = sum(f.stat().st_size for f in ([target] if target.is_file() else target.iterdir()) if f.is_file())
@@ -91,7 +93,7 @@ def load_checkpoint(path=None, dtype: torch.dtype = torch.float32, quiet: bool =
         if fmt == "gguf":
             from .gguf import load_gguf
 
-            args, state, header = load_gguf(str(target), dtype, progress=bar.update)
+            args, state, header = load_gguf(str(target), dtype, progress=bar.update, keep_quantized=keep_quantized)
             return Checkpoint(target, fmt, args, state, header.metadata)
         if fmt == "hf":
             from .hf import load_hf
@@ -108,16 +110,25 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device=None, pa
     """A Transformer holding ``state``'s tensors, built on the meta device (no double allocation)."""
     from ..model import Transformer
 
+    from ..quantize import QuantTensor, swap_in
+
     check_state_dict(path, args, state)
     model = Transformer(args, device="meta")
+    quantized = {k: v for k, v in state.items() if isinstance(v, QuantTensor)}
+    for name, qt in quantized.items():
+        swap_in(model, name, qt, dtype=state["norm.weight"].dtype)
+    state = {k: v for k, v in state.items() if k not in quantized}
+    if quantized and args.tie_word_embeddings:
+        state.pop("output.weight", None)
     if device is not None:
         state = {k: v.to(device) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if m.rsplit(".", 1)[-1] not in ("qs", "d", "m")]  # buffers set by swap_in
     allowed_missing = {"output.weight"} if args.tie_word_embeddings else set()
     if unexpected or set(missing) - allowed_missing:
         raise CheckpointError(path, f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    model.reset_rope(model.tok_embeddings.weight.device)
+    model.reset_rope(model.norm.weight.device)
     return model.eval().requires_grad_(False)
 
 

@@ -287,8 +287,13 @@ def _supported_types() -> set[str]:
 SUPPORTED_TYPES = _supported_types()
 
 
-def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress=None) -> tuple[ModelArgs, dict, Header]:
-    """Args, a Meta-named state dict (dequantized to ``dtype``) and the parsed header."""
+def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress=None,
+              keep_quantized: bool = False) -> tuple[ModelArgs, dict, Header]:
+    """Args, a Meta-named state dict (dequantized to ``dtype``) and the parsed header.
+
+    With ``keep_quantized``, Q8_0/Q4_0/Q4_1 matrices stay in their blocks (as ``QuantTensor``)."""
+    from ..quantize import GGUF_KINDS, QuantTensor
+
     header = check_header(path)
     args = args_from_metadata(path, header)
     for info in header.tensors.values():
@@ -309,7 +314,11 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress=None) -> t
     data = np.memmap(path, dtype=np.uint8, mode="r")
     state = {}
     for meta, info in shapes.items():
-        state[meta] = read_tensor(path, data, info, dtype)
+        type_name = _type_name(info.type_id)
+        if keep_quantized and type_name in GGUF_KINDS and len(info.shape) == 2:
+            state[meta] = QuantTensor.from_gguf(data[info.offset:info.offset + info.n_bytes], type_name, info.shape)
+        else:
+            state[meta] = read_tensor(path, data, info, dtype)
         if progress is not None:
             progress(info.n_bytes)
     if "rope_freqs.weight" in header.tensors:
