@@ -73,23 +73,26 @@ def rope_scaling_divisors(args: ModelArgs, freqs: torch.Tensor) -> torch.Tensor:
 
 
 def rope_tables(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position × frequency, each (max_seq_len, head_dim // 2), float32."""
+    """Per position, cos and ±sin of each pair's angle laid out like the pairs themselves:
+    cos = [c0, c0, c1, c1, ...], sin = [-s0, s0, -s1, s1, ...]; each (max_seq_len, head_dim), float32."""
     freqs = rope_frequencies(args).to(device)
     angles = torch.outer(torch.arange(args.max_seq_len, device=device, dtype=torch.float32), freqs)
-    return torch.cos(angles), torch.sin(angles)
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its angle.
+    """Rotate each adjacent pair (x[2i], x[2i+1]) of every head by its angle:
 
-    x: (batch, seq, heads, head_dim); cos, sin: (batch or 1, seq, head_dim // 2).
-    Real-valued form of Meta's complex multiplication (x0 + i·x1)·(cos + i·sin).
+        (x0, x1) -> (x0·cos - x1·sin, x1·cos + x0·sin)
+
+    the real-valued form of Meta's complex multiplication (x0 + i·x1)·(cos + i·sin), written as
+    x·cos + swap(x)·sin with the tables from ``rope_tables`` (swap exchanges the two of each pair).
+    x: (batch, seq, heads, head_dim); cos, sin: (batch or 1, seq, 1, head_dim).
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (batch, seq, heads, head_dim/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (batch, seq, 1, head_dim/2)
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    xf = x.float()
+    swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
+    return (xf * cos + swapped * sin).type_as(x)
 
 
 # ------------------------------------------------------------------------- KV cache
@@ -152,43 +155,45 @@ class Attention(nn.Module):
         self.tap: Tap | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | None, kv_len: int) -> torch.Tensor:
+                cache: KVCache | None, kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """``mask`` (batch or 1, 1, seq, keys) says which keys each query sees; None: all of them
+        (one new token attending to the whole cache) or, without a cache, plain causal."""
         batch, seq, _ = x.shape
         tap = self.tap
-        if self.wqkv is not None:
-            kv_width = self.n_kv_heads * self.head_dim
-            q, k, v = self.wqkv(x).split([self.n_heads * self.head_dim, kv_width, kv_width], dim=-1)
+        heads = self.n_heads + self.n_kv_heads
+        if self.wqkv is not None:  # q and k are adjacent in the fused output: rotate them in one go
+            qkv = self.wqkv(x)
+            qk = qkv[..., :heads * self.head_dim].view(batch, seq, heads, self.head_dim)
+            v = qkv[..., heads * self.head_dim:].view(batch, seq, self.n_kv_heads, self.head_dim)
         else:
-            q, k, v = self.wq(x), self.wk(x), self.wv(x)
-        q = q.view(batch, seq, self.n_heads, self.head_dim)  # (batch, seq, n_heads, head_dim)
-        k = k.view(batch, seq, self.n_kv_heads, self.head_dim)  # (batch, seq, n_kv_heads, head_dim)
-        v = v.view(batch, seq, self.n_kv_heads, self.head_dim)
+            qk = torch.cat([self.wq(x), self.wk(x)], dim=-1).view(batch, seq, heads, self.head_dim)
+            v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)  # (batch, seq, n_kv_heads, head_dim)
         if tap:
-            tap("q", q), tap("k", k), tap("v", v)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            tap("q", qk[:, :, :self.n_heads]), tap("k", qk[:, :, self.n_heads:]), tap("v", v)
+        qk = apply_rope(qk, cos, sin)
+        q, k = qk[:, :, :self.n_heads], qk[:, :, self.n_heads:]  # (batch, seq, n_heads / n_kv_heads, head_dim)
         if tap:
             tap("q_rope", q), tap("k_rope", k)
 
         if cache is None:
             keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (batch, n_kv_heads, seq, head_dim)
-            key_pos = positions  # the keys are the new tokens themselves
         else:
             keys, values = cache.update(self.layer_id, positions, k, v, kv_len)  # (batch, n_kv_heads, kv_len, hd)
-            key_pos = torch.arange(kv_len, device=x.device)[None, :]
-        # Causal mask with a cache offset: the query at position p sees keys at positions <= p.
-        # The cache may hold stale entries past a row's length; they sit at positions > p.
-        mask = key_pos[:, None, None, :] <= positions[:, None, :, None]  # (batch or 1, 1, seq, kv_len)
-
         q = q.transpose(1, 2)  # (batch, n_heads, seq, head_dim)
-        if self.n_rep > 1:  # each KV head serves n_rep consecutive query heads
-            keys = keys.repeat_interleave(self.n_rep, dim=1)  # (batch, n_heads, kv_len, head_dim)
-            values = values.repeat_interleave(self.n_rep, dim=1)
+        causal = cache is None and mask is None
         if tap:
-            scores = (q.float() @ keys.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
-            scores = scores.masked_fill(~mask, float("-inf"))
+            rep_k = keys.float().repeat_interleave(self.n_rep, dim=1)  # each KV head serves n_rep query heads
+            scores = (q.float() @ rep_k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if causal:
+                mask_ = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
+            else:
+                mask_ = mask if mask is not None else torch.ones(1, dtype=torch.bool, device=x.device)
+            scores = scores.masked_fill(~mask_, float("-inf"))
             tap("scores", scores)
             tap("probs", torch.softmax(scores, dim=-1))
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask)
+        # Grouped-query attention without copying K/V: SDPA lets n_rep query heads share each KV head.
+        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                             is_causal=causal, enable_gqa=self.n_rep > 1)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # (batch, seq, dim)
         if tap:
             tap("heads_concat", out)
@@ -232,12 +237,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps, device=device)
         self.tap: Tap | None = None
 
-    def forward(self, x, cos, sin, positions, cache, kv_len):
+    def forward(self, x, cos, sin, positions, cache, kv_len, mask):
         tap = self.tap
         xn = self.attention_norm(x)
         if tap:
             tap("attention_norm", xn)
-        h = x + self.attention(xn, cos, sin, positions, cache, kv_len)  # attention's output joins the residual
+        h = x + self.attention(xn, cos, sin, positions, cache, kv_len, mask)  # attention's output joins the residual
         hn = self.ffn_norm(h)
         if tap:
             tap("residual_attn", h), tap("ffn_norm", hn)
@@ -245,6 +250,21 @@ class TransformerBlock(nn.Module):
         if tap:
             tap("residual_ffn", out)
         return out
+
+
+def causal_mask(positions: torch.Tensor, kv_len: int, cached: bool) -> torch.Tensor | None:
+    """Which keys each query sees: the query at position p sees keys at positions <= p.
+
+    With a cache the keys are positions 0..kv_len-1 of each row (stale entries past a row's
+    length sit at positions > p, so they stay hidden). None when no mask is needed: one token
+    at the end of every row sees the whole cache; without a cache, plain causal attention."""
+    batch, seq = positions.shape
+    if not cached:
+        return None if batch == 1 else positions[:, None, None, :] <= positions[:, None, :, None]
+    if seq == 1 and batch == 1 and int(positions[0, 0]) == kv_len - 1:
+        return None
+    key_pos = torch.arange(kv_len, device=positions.device)
+    return key_pos[None, None, None, :] <= positions[:, None, :, None]  # (batch or 1, 1, seq, kv_len)
 
 
 class Transformer(nn.Module):
@@ -264,7 +284,7 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight  # shared, not copied
         if self.tok_embeddings.weight.is_meta:  # the loader calls reset_rope() once tensors are real
-            cos = sin = torch.empty(args.max_seq_len, args.head_dim // 2, device="meta")
+            cos = sin = torch.empty(args.max_seq_len, args.head_dim, device="meta")
         else:
             cos, sin = rope_tables(args, device=self.tok_embeddings.weight.device)
         self.register_buffer("rope_cos", cos, persistent=False)
@@ -292,12 +312,14 @@ class Transformer(nn.Module):
         """
         positions, kv_len = self._check(tokens, start_pos, cache)
         tap = self.tap
-        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (batch or 1, seq, head_dim/2)
+        cos = self.rope_cos[positions].unsqueeze(2)  # (batch or 1, seq, 1, head_dim)
+        sin = self.rope_sin[positions].unsqueeze(2)
+        mask = causal_mask(positions, kv_len, cache is not None)
         h = self.tok_embeddings(tokens)  # (batch, seq, dim)
         if tap:
             tap("embeddings", h)
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, cache, kv_len)
+            h = layer(h, cos, sin, positions, cache, kv_len, mask)
         h = self.norm(h)
         logits = self.output(h).float()
         if tap:

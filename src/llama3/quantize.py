@@ -103,13 +103,16 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32 or not x2.is_contiguous():  # (each skipped call saves a dispatch)
+            x2 = x2.float().contiguous()
         m = self.m if self.kind == "q4_1" else None
         if x2.shape[0] <= GEMV_MAX_ROWS:
             y = kernels.qmatmul(self.kind, self.qs, self.d, m, self.out_features, self.in_features, x2)
         else:
             y = F.linear(x2, self.qtensor.dequantize())
-        return y.view(*lead, self.out_features).to(x.dtype)
+        y = y.view(*lead, self.out_features)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, {self.kind}"
