@@ -303,6 +303,20 @@ def cmd_bench(ns) -> int:
     return 0
 
 
+def cmd_serve(ns) -> int:
+    from .server import serve
+
+    for name, value in (("--max-batch", ns.max_batch), ("--max-queue", ns.max_queue), ("--port", ns.port)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if ns.model is None:
+        print("serving the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",
+              file=sys.stderr)
+    serve(ns.model, host=ns.host, port=ns.port, api_key=ns.api_key, max_batch=ns.max_batch, max_queue=ns.max_queue,
+          ctx=ns.ctx, cors_origins=ns.cors_origin or None, device=ns.device, dtype=ns.dtype, quantize=ns.quantize)
+    return 0
+
+
 # ---------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -404,6 +418,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our weights: auto = keep GGUF blocks quantized; none = the exact float path")
     b.add_argument("--json", action="store_true", help="machine-readable output")
     b.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
+                        description="Serve the model over OpenAI's API: /v1/chat/completions, /v1/completions "
+                                    "(streaming or not), /v1/models, /health, /metrics, /tokenize, /detokenize.",
+                        epilog="examples:\n  llama3 serve\n  llama3 serve --port 8080 --api-key secret\n"
+                               "  llama3 serve --model ./Llama-3.2-1B-Instruct --max-batch 4 --ctx 4096\n\n"
+                               "then:\n  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: "
+                               "application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", "
+                               "\"content\": \"Hi\"}]}'",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_args(sv)
+    sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (/health stays open)")
+    sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
+    sv.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default: 64)")
+    sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                    help="allow browser requests from this origin (repeatable; default: no CORS)")
+    sv.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -81,6 +81,7 @@ class _Sequence:
         if self.penalize and params.repetition_penalty != 1.0:  # repetition counts the prompt too (as HF)
             self.counts.index_add_(0, torch.tensor(prompt), torch.ones(len(prompt), dtype=torch.int32))
         self.generated = 0
+        self.last_token: int | None = None  # fed to the next decode step (server scheduler)
         self.emitted = ""  # text already yielded
         self.pending = ""  # text held back: it may begin a stop string
         self.finished = False

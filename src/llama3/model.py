@@ -155,9 +155,11 @@ class Attention(nn.Module):
         self.tap: Tap | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | None, kv_len: int, mask: torch.Tensor | None) -> torch.Tensor:
+                cache: KVCache | None, kv_len: int, mask: torch.Tensor | None,
+                row_lens: list[int] | None = None) -> torch.Tensor:
         """``mask`` (batch or 1, 1, seq, keys) says which keys each query sees; None: all of them
-        (one new token attending to the whole cache) or, without a cache, plain causal."""
+        (one new token attending to the whole cache) or, without a cache, plain causal.
+        ``row_lens``: one new token per row, row b attending to its first row_lens[b] keys."""
         batch, seq, _ = x.shape
         tap = self.tap
         heads = self.n_heads + self.n_kv_heads
@@ -192,8 +194,14 @@ class Attention(nn.Module):
             tap("scores", scores)
             tap("probs", torch.softmax(scores, dim=-1))
         # Grouped-query attention without copying K/V: SDPA lets n_rep query heads share each KV head.
-        out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                             is_causal=causal, enable_gqa=self.n_rep > 1)
+        if row_lens is not None:  # batched decode: each row exactly as it would run alone (batch-invariant)
+            out = torch.cat([F.scaled_dot_product_attention(q[b:b + 1], keys[b:b + 1, :, :n].to(q.dtype),
+                                                            values[b:b + 1, :, :n].to(q.dtype),
+                                                            enable_gqa=self.n_rep > 1)
+                             for b, n in enumerate(row_lens)])
+        else:
+            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
+                                                 is_causal=causal, enable_gqa=self.n_rep > 1)
         out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # (batch, seq, dim)
         if tap:
             tap("heads_concat", out)
@@ -237,12 +245,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps, device=device)
         self.tap: Tap | None = None
 
-    def forward(self, x, cos, sin, positions, cache, kv_len, mask):
+    def forward(self, x, cos, sin, positions, cache, kv_len, mask, row_lens=None):
         tap = self.tap
         xn = self.attention_norm(x)
         if tap:
             tap("attention_norm", xn)
-        h = x + self.attention(xn, cos, sin, positions, cache, kv_len, mask)  # attention's output joins the residual
+        h = x + self.attention(xn, cos, sin, positions, cache, kv_len, mask, row_lens)  # joins the residual
         hn = self.ffn_norm(h)
         if tap:
             tap("residual_attn", h), tap("ffn_norm", hn)
@@ -314,12 +322,19 @@ class Transformer(nn.Module):
         tap = self.tap
         cos = self.rope_cos[positions].unsqueeze(2)  # (batch or 1, seq, 1, head_dim)
         sin = self.rope_sin[positions].unsqueeze(2)
-        mask = causal_mask(positions, kv_len, cache is not None)
+        batch, seq = tokens.shape
+        row_lens = None
+        if cache is not None and seq == 1 and batch > 1 and self.tap is None:
+            # One new token per row: attend row by row over each row's own length, so that every row
+            # computes exactly what it would alone (a shared padded mask changes the last bits).
+            row_lens, mask = [int(p) + 1 for p in positions.expand(batch, 1)[:, 0].tolist()], None
+        else:
+            mask = causal_mask(positions, kv_len, cache is not None)
         h = self.tok_embeddings(tokens)  # (batch, seq, dim)
         if tap:
             tap("embeddings", h)
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, cache, kv_len, mask)
+            h = layer(h, cos, sin, positions, cache, kv_len, mask, row_lens)
         h = self.norm(h)
         logits = self.output(h).float()
         if tap:
