@@ -273,9 +273,17 @@ def read_tensor(path: str, data: np.ndarray, info: TensorInfo, dtype: torch.dtyp
             array = gguf.quants.dequantize(raw, qtype)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
             raise CheckpointError(path, f"tensor {info.name!r}: cannot dequantize {qtype.name}: {e}") from None
-    if not array.flags.writeable:  # a view of the read-only file: copy it out
-        array = array.copy()
+    # An F32 tensor loaded as float32 stays a view of the (copy-on-write) mapping: no copy at all.
     return torch.from_numpy(array.reshape(info.shape)).to(dtype)
+
+
+def _drop_pages(mm: mmap.mmap, offset: int, length: int) -> None:
+    """Tell the kernel we are done with these file pages (they leave our resident set)."""
+    page = mmap.PAGESIZE
+    start = (offset + page - 1) // page * page  # only whole pages inside the range
+    end = (offset + length) // page * page
+    if end > start and hasattr(mm, "madvise"):
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _supported_types() -> set[str]:
@@ -311,7 +319,11 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress=None,
         shapes[meta] = info
     check_state_dict(path, args, {m: torch.empty(i.shape, device="meta") for m, i in shapes.items()})
 
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    # A private (copy-on-write) mapping: tensors that need no conversion stay views of the file, and
+    # the file pages behind converted ones are dropped as we go, so peak memory stays near the model.
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    data = np.frombuffer(mm, dtype=np.uint8)
     state = {}
     for meta, info in shapes.items():
         type_name = _type_name(info.type_id)
@@ -319,6 +331,8 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress=None,
             state[meta] = QuantTensor.from_gguf(data[info.offset:info.offset + info.n_bytes], type_name, info.shape)
         else:
             state[meta] = read_tensor(path, data, info, dtype)
+        if not (type_name == "F32" and dtype == torch.float32):
+            _drop_pages(mm, info.offset, info.n_bytes)
         if progress is not None:
             progress(info.n_bytes)
     if "rope_freqs.weight" in header.tensors:
@@ -326,5 +340,4 @@ def load_gguf(path: str, dtype: torch.dtype = torch.float32, progress=None,
         if not (torch.isfinite(divisors).all() and (divisors > 0).all()):
             raise CheckpointError(path, "tensor 'rope_freqs.weight' has non-positive or non-finite values")
         args = args.replace(rope_freq_divisors=tuple(float(x) for x in divisors))
-    del data
     return args, state, header
