@@ -80,6 +80,10 @@ static inline __m256i unpack_nibbles(const uint8_t *p) {
 
 #define ROWS_PARALLEL _Pragma("omp parallel for schedule(static) if (rows * nb * n > 4096)")
 
+/* Each weight block is loaded (and unpacked) once and multiplied with up to NT activation rows,
+ * so a batch of decode steps costs one pass over the weights. */
+#define NT 8
+
 void gemm_q8(const int8_t *wq, const float *wd, int64_t rows, int64_t k,
              const int8_t *xq, const float *xd, int64_t n, float *y) {
     const int64_t nb = k / QK;
@@ -87,16 +91,19 @@ void gemm_q8(const int8_t *wq, const float *wd, int64_t rows, int64_t k,
     for (int64_t r = 0; r < rows; r++) {
         const int8_t *w = wq + r * k;
         const float *d = wd + r * nb;
-        for (int64_t t = 0; t < n; t++) {
-            const int8_t *x = xq + t * k;
-            const float *dx = xd + t * nb;
-            __m256 acc = _mm256_setzero_ps();
+        for (int64_t t0 = 0; t0 < n; t0 += NT) {
+            const int64_t nt = n - t0 < NT ? n - t0 : NT;
+            __m256 acc[NT];
+            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
                 __m256i qw = _mm256_loadu_si256((const __m256i *)(w + b * QK));
-                __m256i qx = _mm256_loadu_si256((const __m256i *)(x + b * QK));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * dx[b]), dot_q8_block(qw, qx), acc);
+                for (int t = 0; t < nt; t++) {
+                    __m256i qx = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k + b * QK));
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * xd[(t0 + t) * nb + b]), dot_q8_block(qw, qx),
+                                             acc[t]);
+                }
             }
-            y[t * rows + r] = hsum8(acc);
+            for (int t = 0; t < nt; t++) y[(t0 + t) * rows + r] = hsum8(acc[t]);
         }
     }
 }
@@ -109,16 +116,19 @@ void gemm_q4_0(const uint8_t *wq, const float *wd, int64_t rows, int64_t k,
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *w = wq + r * (k / 2);
         const float *d = wd + r * nb;
-        for (int64_t t = 0; t < n; t++) {
-            const int8_t *x = xq + t * k;
-            const float *dx = xd + t * nb;
-            __m256 acc = _mm256_setzero_ps();
+        for (int64_t t0 = 0; t0 < n; t0 += NT) {
+            const int64_t nt = n - t0 < NT ? n - t0 : NT;
+            __m256 acc[NT];
+            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
                 __m256i qw = _mm256_sub_epi8(unpack_nibbles(w + b * 16), eight);
-                __m256i qx = _mm256_loadu_si256((const __m256i *)(x + b * QK));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * dx[b]), dot_q8_block(qw, qx), acc);
+                for (int t = 0; t < nt; t++) {
+                    __m256i qx = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k + b * QK));
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * xd[(t0 + t) * nb + b]), dot_q8_block(qw, qx),
+                                             acc[t]);
+                }
             }
-            y[t * rows + r] = hsum8(acc);
+            for (int t = 0; t < nt; t++) y[(t0 + t) * rows + r] = hsum8(acc[t]);
         }
     }
 }
@@ -131,19 +141,25 @@ void gemm_q4_1(const uint8_t *wq, const float *wd, const float *wm, int64_t rows
     for (int64_t r = 0; r < rows; r++) {
         const uint8_t *w = wq + r * (k / 2);
         const float *d = wd + r * nb, *m = wm + r * nb;
-        for (int64_t t = 0; t < n; t++) {
-            const int8_t *x = xq + t * k;
-            const float *dx = xd + t * nb, *sx = xs + t * nb;
-            __m256 acc = _mm256_setzero_ps();
-            float offset = 0.0f;
+        for (int64_t t0 = 0; t0 < n; t0 += NT) {
+            const int64_t nt = n - t0 < NT ? n - t0 : NT;
+            __m256 acc[NT];
+            float offset[NT];
+            for (int t = 0; t < nt; t++) {
+                acc[t] = _mm256_setzero_ps();
+                offset[t] = 0.0f;
+            }
             for (int64_t b = 0; b < nb; b++) {
                 __m256i qw = unpack_nibbles(w + b * 16); /* unsigned 0..15 */
-                __m256i qx = _mm256_loadu_si256((const __m256i *)(x + b * QK));
-                __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * dx[b]), dot, acc);
-                offset += m[b] * sx[b];
+                for (int t = 0; t < nt; t++) {
+                    const int64_t row = (t0 + t) * nb + b;
+                    __m256i qx = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k + b * QK));
+                    __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones));
+                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * xd[row]), dot, acc[t]);
+                    offset[t] += m[b] * xs[row];
+                }
             }
-            y[t * rows + r] = hsum8(acc) + offset;
+            for (int t = 0; t < nt; t++) y[(t0 + t) * rows + r] = hsum8(acc[t]) + offset[t];
         }
     }
 }
