@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelArgs
 
 # A tap receives (name, tensor) for every named intermediate; see llama3.explain.trace.
@@ -193,8 +194,17 @@ class Attention(nn.Module):
             scores = scores.masked_fill(~mask_, float("-inf"))
             tap("scores", scores)
             tap("probs", torch.softmax(scores, dim=-1))
+        out = None
+        if cache is not None and seq == 1 and tap is None and (row_lens is not None or mask is None):
+            # Decode: one new token per row over its own keys, in a small C kernel (llama3.kernels) that
+            # computes every row alike whatever the batch; None where it cannot run (then SDPA below).
+            lens = row_lens if row_lens is not None else [kv_len] * batch
+            out = kernels.attention_decode(q[:, :, 0], cache.k[self.layer_id][:batch], cache.v[self.layer_id][:batch],
+                                           lens, 1.0 / math.sqrt(self.head_dim))
+        if out is not None:
+            out = out[:, :, None]  # (batch, n_heads, 1, head_dim)
         # Grouped-query attention without copying K/V: SDPA lets n_rep query heads share each KV head.
-        if row_lens is not None:  # batched decode: each row exactly as it would run alone (batch-invariant)
+        elif row_lens is not None:  # batched decode: each row exactly as it would run alone (batch-invariant)
             out = torch.cat([F.scaled_dot_product_attention(q[b:b + 1], keys[b:b + 1, :, :n].to(q.dtype),
                                                             values[b:b + 1, :, :n].to(q.dtype),
                                                             enable_gqa=self.n_rep > 1)

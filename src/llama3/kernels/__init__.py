@@ -101,8 +101,9 @@ def library():
     lib.dequant_q8.argtypes = [p, p, i64, i64, p]
     lib.dequant_q4.argtypes = [p, p, p, i64, i64, p]
     lib.qlinear.argtypes = [ctypes.c_int, p, p, p, i64, i64, p, i64, p]
+    lib.attn_decode.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, ctypes.c_float, p]
     for f in (lib.quantize_act, lib.gemm_q8, lib.gemm_q4_0, lib.gemm_q4_1, lib.dequant_q8, lib.dequant_q4,
-              lib.qlinear):
+              lib.qlinear, lib.attn_decode):
         f.restype = None
     _lib = lib
     return lib
@@ -191,3 +192,22 @@ def dequantize(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | N
         w = w + m[..., None]
     return w.view(rows, k)
 
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: list[int],
+                     scale: float) -> torch.Tensor | None:
+    """One new query per row: q (B, H, D) float32; k_cache, v_cache one layer's (rows, KVH, S, D) float32
+    cache; row b attends to its first lens[b] keys. Returns (B, H, D), or None without the C library."""
+    lib = library()
+    if lib is None or q.dtype != torch.float32 or k_cache.dtype != torch.float32 or q.device.type != "cpu":
+        return None
+    B, H, D = q.shape
+    _, KVH, S, _ = k_cache.shape
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    n = torch.tensor(lens, dtype=torch.int64)
+    lib.attn_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), B, H, KVH, D, S, n.data_ptr(), scale,
+                    out.data_ptr())
+    return out

@@ -215,3 +215,51 @@ void qlinear(int kind, const void *wq, const float *wd, const float *wm, int64_t
     else gemm_q4_1((const uint8_t *)wq, wd, wm, rows, k, xq, xd, xs, n, y);
     free(heap);
 }
+
+/* Attention for one new token per row, each row over its own number of cached keys.
+ * q: (B, H, D); the layer's cache k, v: (rows, KVH, S, D); lens: keys per row; out: (B, H, D).
+ * Every (row, head) is computed the same way whatever the batch, so batched decoding gives
+ * each sequence exactly what it gets alone. Query head h reads KV head h / (H / KVH). */
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+void attn_decode(const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                 int64_t S, const int64_t *lens, float scale, float *out) {
+    const int64_t rep = H / KVH;
+    #pragma omp parallel for schedule(static) if (B * H > 1)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H, h = bh % H, n = lens[b];
+        const float *qv = q + bh * D;
+        const float *kb = k + (b * KVH + h / rep) * S * D;
+        const float *vb = v + (b * KVH + h / rep) * S * D;
+        float *o = out + bh * D;
+        float stack[4096];
+        float *p = n <= 4096 ? stack : (float *)malloc((size_t)n * sizeof(float));
+        float m = -INFINITY, sum = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            p[j] = dot_f32(qv, kb + j * D, D) * scale;
+            if (p[j] > m) m = p[j];
+        }
+        for (int64_t j = 0; j < n; j++) {
+            p[j] = expf(p[j] - m);
+            sum += p[j];
+        }
+        for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
+        for (int64_t j = 0; j < n; j++) {
+            const float w = p[j] / sum;
+            const float *vj = vb + j * D;
+            int64_t i = 0;
+            for (; i + 8 <= D; i += 8)
+                _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vj + i),
+                                                        _mm256_loadu_ps(o + i)));
+            for (; i < D; i++) o[i] += w * vj[i];
+        }
+        if (p != stack) free(p);
+    }
+}
