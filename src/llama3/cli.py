@@ -183,10 +183,14 @@ def cmd_explain(ns) -> int:
     from .explain.glossary import checkpoint_param_counts, explain, format_compare, format_text, resolve
 
     def info_for(target):
+        from .explain.glossary import execution_path
+
         args, shapes, label = resolve(target)
         counts = checkpoint_param_counts(shapes) if shapes is not None else None
-        return explain(args, tensor_counts=counts, batch=ns.batch, context=ns.context,
-                       bandwidth_gbs=ns.bandwidth), label
+        info = explain(args, tensor_counts=counts, batch=ns.batch, context=ns.context, bandwidth_gbs=ns.bandwidth)
+        if shapes is not None:
+            info["execution"] = execution_path(target)
+        return info, label
 
     if ns.compare:
         (a, la), (b, lb) = info_for(ns.compare[0]), info_for(ns.compare[1])

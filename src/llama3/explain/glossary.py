@@ -156,6 +156,30 @@ def resolve(target: str | None):
     return args, shapes, str(path)
 
 
+def execution_path(target) -> str:
+    """Which path ``llama3.load`` takes by default for this checkpoint on this machine."""
+    from .. import kernels
+    from ..quantize import GGUF_KINDS
+    from ..weights import default_model_path, detect_format
+
+    fmt, path = detect_format(default_model_path() if target is None else target)
+    if fmt == "gguf":
+        from ..weights.gguf import _type_name, check_header
+
+        types = sorted({_type_name(i.type_id) for i in check_header(str(path)).tensors.values()
+                        if len(i.shape) == 2})
+        kept = [t for t in types if t in GGUF_KINDS]
+        if kept and kernels.library() is not None:
+            rest = [t for t in types if t not in GGUF_KINDS]
+            return (f"quantized: {', '.join(kept)} blocks kept and run by the C kernels (int8 activations)"
+                    + (f"; {', '.join(rest)} dequantized to float" if rest else "")
+                    + "; --quantize none for the exact float path")
+        if kept:
+            return f"float: {', '.join(types)} dequantized (the C kernels are unavailable: {kernels.why_not()})"
+        return f"float: {', '.join(types)} tensors loaded as float (--quantize int8|int4 to quantize)"
+    return "float (--quantize int8|int4 to quantize on load)"
+
+
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(n) < 1000 or unit == "TB":
@@ -165,7 +189,8 @@ def _human_bytes(n: float) -> str:
 
 
 def format_text(info: dict, label: str) -> str:
-    lines = [f"{label}", "", "config (a live glossary)"]
+    lines = [f"{label}"] + ([f"runs as: {info['execution']}"] if "execution" in info else []) + \
+        ["", "config (a live glossary)"]
     for name, f in info["fields"].items():
         value = f["value"]
         if name == "rope_freq_divisors" and value is not None:
