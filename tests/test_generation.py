@@ -146,3 +146,13 @@ def test_help_has_examples():
     for cmd in ("generate", "chat"):
         out = subprocess.run([sys.executable, "-m", "llama3.cli", cmd, "--help"], capture_output=True, text=True)
         assert out.returncode == 0 and "examples:" in out.stdout and "--temperature" in out.stdout
+
+
+def test_penalties_change_greedy_output(smollm2):
+    plain = smollm2.generate("1, 2, 1, 2, 1, 2,", max_new_tokens=12, **GREEDY)
+    penalized = smollm2.generate("1, 2, 1, 2, 1, 2,", max_new_tokens=12, repetition_penalty=50.0, **GREEDY)
+    assert plain.token_ids != penalized.token_ids
+    prompt_ids = set(smollm2.encode_prompt("1, 2, 1, 2, 1, 2,"))
+    # with a huge repetition penalty greedy decoding avoids every token already seen
+    assert len(set(penalized.token_ids)) == len(penalized.token_ids)
+    assert not prompt_ids & set(penalized.token_ids)

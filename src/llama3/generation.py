@@ -18,7 +18,7 @@ import torch
 from .chat import chat_format_for
 from .config import ModelArgs
 from .model import KVCache, Transformer
-from .sampling import SamplingParams, make_sampler
+from .sampling import SamplingParams, apply_penalties, make_sampler
 from .tokenizer import Tokenizer
 
 PREFILL_CHUNK = 512  # prompts longer than this are prefilled in chunks of this many tokens
@@ -91,8 +91,6 @@ class _Sequence:
         logprobs = torch.log_softmax(logits, dim=-1)  # before any sampling filter
         work = logits[None]
         if self.penalize:
-            from .sampling import apply_penalties
-
             work = apply_penalties(work, self.counts[None], self.params.repetition_penalty,
                                    self.params.presence_penalty, self.params.frequency_penalty)
         token = int(self.sampler(work, self.rng)[0])
