@@ -158,3 +158,14 @@ class TestBadInput:
 
     def test_shape(self):
         self.check("tokens must have shape (batch, seq)", torch.zeros(3, dtype=torch.long))
+
+
+def test_last_only_equals_the_last_row():
+    hf = hf_model("tied")
+    ours = ours_from_hf(hf)
+    tokens = tokens_for(hf, seq=20)
+    with torch.no_grad():
+        full = ours(tokens)
+        last = ours(tokens, last_only=True)
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last[:, 0], full[:, -1], atol=1e-5, rtol=0)

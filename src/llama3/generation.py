@@ -189,7 +189,7 @@ class Generator:
         tokens = torch.tensor([prompt], dtype=torch.long, device=self.device)
         logits = None
         for start in range(0, len(prompt), PREFILL_CHUNK):
-            logits = self.model(tokens[:, start:start + PREFILL_CHUNK], start_pos=start, cache=cache)
+            logits = self.model(tokens[:, start:start + PREFILL_CHUNK], start_pos=start, cache=cache, last_only=True)
         return logits[0, -1]
 
     @torch.inference_mode()

@@ -320,8 +320,10 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (batch, seq, vocab_size), float32, for tokens (batch, seq).
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """Logits (batch, seq, vocab_size), float32, for tokens (batch, seq); with ``last_only``,
+        (batch, 1, vocab_size) for the last position only (prefill needs no more: it skips the
+        output projection, the largest matrix of small models, for every other position).
 
         ``start_pos`` is the position of tokens[:, 0]: an int for the whole batch or a
         (batch,) tensor, one per row. With a cache, the new keys and values are written at
@@ -345,6 +347,8 @@ class Transformer(nn.Module):
             tap("embeddings", h)
         for layer in self.layers:
             h = layer(h, cos, sin, positions, cache, kv_len, mask, row_lens)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h)
         logits = self.output(h).float()
         if tap:
