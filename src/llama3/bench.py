@@ -61,9 +61,6 @@ class OursEngine:
         self.llm = llama3.load(model, dtype=dtype, quantize=quantize, quiet=True, device="cpu")
         self.path = describe(self.llm.model)
 
-    def tokenizer(self):
-        return self.llm.tokenizer
-
     def run(self, ids, new_tokens):
         from llama3.sampling import SamplingParams
 

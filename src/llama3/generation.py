@@ -225,7 +225,7 @@ class Generator:
                         for i in range(batch)]
             tokens = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
             start = step_pos[0] if batch == 1 else torch.tensor(step_pos, device=self.device)
-            logits = self.model(tokens, start_pos=start, cache=cache.rows(0, batch))[:, -1].float().cpu()
+            logits = self.model(tokens, start_pos=start, cache=cache)[:, -1].float().cpu()  # rows 0..batch-1
             for s in active:
                 positions[s.index] += 1
 

@@ -39,10 +39,6 @@ class QuantTensor:
     def shape(self) -> tuple[int, int]:
         return (self.rows, self.k)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qs, self.d, self.m) if t is not None)
-
     def dequantize(self) -> torch.Tensor:
         return kernels.dequantize(self.kind, self.qs, self.d, self.m, self.rows, self.k)
 

@@ -103,16 +103,6 @@ class Tokenizer:
         """A fresh streaming detokenizer (feed ids one at a time)."""
         return StreamingDetokenizer(self)
 
-    def is_special(self, token_id: int) -> bool:
-        return token_id in self._special_ids
-
-    @property
-    def _special_ids(self) -> set[int]:
-        cached = getattr(self, "_special_id_cache", None)
-        if cached is None:
-            cached = self._special_id_cache = set(self.special_tokens.values())
-        return cached
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.path!r}, vocab_size={self.vocab_size})"
 

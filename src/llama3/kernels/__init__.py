@@ -114,12 +114,6 @@ def why_not() -> str:
     return _why_not
 
 
-def reset() -> None:
-    """Forget the loaded library (tests use it with LLAMA3_NO_KERNELS)."""
-    global _lib, _tried, _why_not
-    _lib, _tried, _why_not = None, False, ""
-
-
 def _ptr(t: torch.Tensor) -> int:
     return t.data_ptr()
 

@@ -16,6 +16,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define QK 32
 
@@ -84,19 +85,21 @@ static inline __m256i unpack_nibbles(const uint8_t *p) {
  * so a batch of decode steps costs one pass over the weights. */
 #define NT 8
 
-void gemm_q8(const int8_t *wq, const float *wd, int64_t rows, int64_t k,
-             const int8_t *xq, const float *xd, int64_t n, float *y) {
+/* q8 and q4_0: symmetric blocks, w = q * d; only how a block's 32 values are loaded differs. */
+static inline void gemm_sym(int q4, const void *wq, const float *wd, int64_t rows, int64_t k,
+                            const int8_t *xq, const float *xd, int64_t n, float *y) {
     const int64_t nb = k / QK;
+    const __m256i eight = _mm256_set1_epi8(8);
     ROWS_PARALLEL
     for (int64_t r = 0; r < rows; r++) {
-        const int8_t *w = wq + r * k;
         const float *d = wd + r * nb;
         for (int64_t t0 = 0; t0 < n; t0 += NT) {
             const int64_t nt = n - t0 < NT ? n - t0 : NT;
             __m256 acc[NT];
             for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
             for (int64_t b = 0; b < nb; b++) {
-                __m256i qw = _mm256_loadu_si256((const __m256i *)(w + b * QK));
+                __m256i qw = q4 ? _mm256_sub_epi8(unpack_nibbles((const uint8_t *)wq + r * (k / 2) + b * 16), eight)
+                                : _mm256_loadu_si256((const __m256i *)((const int8_t *)wq + r * k + b * QK));
                 for (int t = 0; t < nt; t++) {
                     __m256i qx = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k + b * QK));
                     acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * xd[(t0 + t) * nb + b]), dot_q8_block(qw, qx),
@@ -108,29 +111,14 @@ void gemm_q8(const int8_t *wq, const float *wd, int64_t rows, int64_t k,
     }
 }
 
+void gemm_q8(const int8_t *wq, const float *wd, int64_t rows, int64_t k,
+             const int8_t *xq, const float *xd, int64_t n, float *y) {
+    gemm_sym(0, wq, wd, rows, k, xq, xd, n, y);
+}
+
 void gemm_q4_0(const uint8_t *wq, const float *wd, int64_t rows, int64_t k,
                const int8_t *xq, const float *xd, int64_t n, float *y) {
-    const int64_t nb = k / QK;
-    const __m256i eight = _mm256_set1_epi8(8);
-    ROWS_PARALLEL
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *w = wq + r * (k / 2);
-        const float *d = wd + r * nb;
-        for (int64_t t0 = 0; t0 < n; t0 += NT) {
-            const int64_t nt = n - t0 < NT ? n - t0 : NT;
-            __m256 acc[NT];
-            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                __m256i qw = _mm256_sub_epi8(unpack_nibbles(w + b * 16), eight);
-                for (int t = 0; t < nt; t++) {
-                    __m256i qx = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k + b * QK));
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * xd[(t0 + t) * nb + b]), dot_q8_block(qw, qx),
-                                             acc[t]);
-                }
-            }
-            for (int t = 0; t < nt; t++) y[(t0 + t) * rows + r] = hsum8(acc[t]);
-        }
-    }
+    gemm_sym(1, wq, wd, rows, k, xq, xd, n, y);
 }
 
 void gemm_q4_1(const uint8_t *wq, const float *wd, const float *wm, int64_t rows, int64_t k,
@@ -193,7 +181,6 @@ void dequant_q4(const uint8_t *wq, const float *wd, const float *wm, int64_t row
 }
 
 /* One call per decode matmul: quantize x (n, k) then multiply. kind: 0 = q8, 1 = q4_0, 2 = q4_1. */
-#include <stdlib.h>
 void qlinear(int kind, const void *wq, const float *wd, const float *wm, int64_t rows, int64_t k,
              const float *x, int64_t n, float *y) {
     const int64_t nb = k / QK;

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from ..generation import Llama, _Sequence
+from ..generation import Llama, Step, _Sequence
 from ..model import KVCache
 from ..sampling import SamplingParams
 
@@ -182,8 +182,6 @@ class Scheduler:
             req.first_token_at = now
             self.metrics.observe("llama3_time_to_first_token_seconds", now - req.arrived)
         self.metrics.completion_tokens += 1
-        from ..generation import Step
-
         req.emit(Step(token, text, logprob, top, reason, 0))
         seq.last_token = token
         if reason is not None:
@@ -216,7 +214,7 @@ class Scheduler:
         with torch.inference_mode():
             logits = self.llm.model(torch.tensor(tokens, device=device)[:, None],
                                     start_pos=torch.tensor(positions, device=device),
-                                    cache=self.cache.rows(0, rows))[:, -1].float().cpu()
+                                    cache=self.cache)[:, -1].float().cpu()
         elapsed = time.perf_counter() - started
         for i in busy:
             self.positions[i] += 1
