@@ -17,6 +17,7 @@ import torch
 
 from .chat import chat_format_for
 from .config import ModelArgs
+from .fastpath import FastDecoder
 from .model import KVCache, Transformer
 from .sampling import SamplingParams, apply_penalties, make_sampler
 from .tokenizer import Tokenizer
@@ -158,6 +159,7 @@ class Generator:
         self.args: ModelArgs = model.args
         self.context = min(max_context or self.args.max_seq_len, self.args.max_seq_len)
         self._cache: KVCache | None = None
+        self.fast_decode = True  # decode steps through llama3.fastpath where the model qualifies
 
     @property
     def device(self) -> torch.device:
@@ -192,6 +194,26 @@ class Generator:
             logits = self.model(tokens[:, start:start + PREFILL_CHUNK], start_pos=start, cache=cache, last_only=True)
         return logits[0, -1]
 
+    def decoder(self):
+        """The decode step: ``decode(tokens, positions, cache, rows=None)`` -> logits (batch, vocab) on the CPU,
+        for one new token per sequence at its position in its cache row (default row b). It is
+        ``llama3.fastpath.FastDecoder`` (the whole step in one C call) where the model qualifies and
+        ``fast_decode`` is on, else ``Transformer.forward``. Built afresh by each ``run``, so changes to the
+        model between runs are always seen."""
+        fast = FastDecoder.for_model(self.model) if self.fast_decode else None
+        if fast is not None:
+            return fast
+        model, device = self.model, self.device
+
+        def forward(tokens, positions, cache, rows=None):
+            if rows is not None:  # rows given: they must be 0..batch-1 for forward
+                if list(rows) != list(range(len(tokens))):
+                    raise ValueError("forward decodes cache rows 0..batch-1 only")
+            t = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+            start = positions[0] if len(tokens) == 1 else torch.tensor(positions, device=device)
+            return model(t, start_pos=start, cache=cache)[:, -1].float().cpu()
+        return forward
+
     @torch.inference_mode()
     def run(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
             stop_ids: set[int] | None = None) -> Iterator[Step]:
@@ -208,6 +230,7 @@ class Generator:
         logits = torch.stack([self.prefill(s.prompt, cache.rows(i, i + 1)) for i, s in enumerate(seqs)]).float().cpu()
         positions = [len(s.prompt) for s in seqs]
         next_tokens = [0] * batch
+        decode = self.decoder()
         while True:
             for s in seqs:
                 if s.finished:
@@ -223,9 +246,7 @@ class Generator:
                 return
             step_pos = [positions[i] if not seqs[i].finished else min(positions[i], self.context - 1)
                         for i in range(batch)]
-            tokens = torch.tensor(next_tokens, dtype=torch.long, device=self.device)[:, None]
-            start = step_pos[0] if batch == 1 else torch.tensor(step_pos, device=self.device)
-            logits = self.model(tokens, start_pos=start, cache=cache)[:, -1].float().cpu()  # rows 0..batch-1
+            logits = decode(next_tokens, step_pos, cache)
             for s in active:
                 positions[s.index] += 1
 

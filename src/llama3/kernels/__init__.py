@@ -21,7 +21,7 @@ import torch
 
 QK = 32
 _KIND_ID = {"q8": 0, "q4_0": 1, "q4_1": 2}
-_SOURCE = Path(__file__).with_name("qgemv.c")
+_SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.h", "qgemv.c", "decode.c")]
 _lib = None
 _tried = False
 _why_not = ""
@@ -56,16 +56,16 @@ def build(verbose: bool = False) -> Path | None:
     if cc is None:
         _why_not = "no C compiler found"
         return None
-    source = _SOURCE.read_bytes()
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared"]
-    key = hashlib.sha256(source + " ".join(flags).encode()).hexdigest()[:16]
+    # -ffp-contract=off: a*b + c stays two roundings, as in PyTorch, unless the code asks for an FMA
+    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared"]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in _SOURCES) + " ".join(flags).encode()).hexdigest()[:16]
     target = _cache_dir() / f"qgemv-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
-        cmd = [cc, *flags, str(_SOURCE), "-o", str(out), "-lm"]
+        cmd = [cc, *flags, *(str(p) for p in _SOURCES if p.suffix == ".c"), "-o", str(out), "-lm"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             _why_not = f"the C compiler failed: {proc.stderr.strip()[:500]}"
@@ -95,15 +95,13 @@ def library():
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.quantize_act.argtypes = [p, i64, i64, p, p, p]
-    lib.gemm_q8.argtypes = [p, p, i64, i64, p, p, i64, p]
-    lib.gemm_q4_0.argtypes = [p, p, i64, i64, p, p, i64, p]
-    lib.gemm_q4_1.argtypes = [p, p, p, i64, i64, p, p, p, i64, p]
     lib.dequant_q8.argtypes = [p, p, i64, i64, p]
     lib.dequant_q4.argtypes = [p, p, p, i64, i64, p]
     lib.qlinear.argtypes = [ctypes.c_int, p, p, p, i64, i64, p, i64, p]
     lib.attn_decode.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, ctypes.c_float, p]
-    for f in (lib.quantize_act, lib.gemm_q8, lib.gemm_q4_0, lib.gemm_q4_1, lib.dequant_q8, lib.dequant_q4,
-              lib.qlinear, lib.attn_decode):
+    lib.decode_step.argtypes = [p, p, i64, p, p, p, p, i64]
+    lib.decode_step.restype = ctypes.c_int
+    for f in (lib.quantize_act, lib.dequant_q8, lib.dequant_q4, lib.qlinear, lib.attn_decode):
         f.restype = None
     _lib = lib
     return lib

@@ -1,4 +1,4 @@
-/* Quantized matrix-vector kernels for batch-1 decode on x86-64 CPUs (AVX2 + FMA).
+/* Quantized matrix-vector kernels for decode on x86-64 CPUs (AVX2 + FMA).
  *
  * Weights stay in 32-element blocks (GGUF's Q8_0, Q4_0, Q4_1, repacked so scales are float32);
  * activations are quantized to int8 blocks of 32 (as llama.cpp's Q8_0/Q8_1) and every block
@@ -12,66 +12,57 @@
  *   q4_1: qs uint8 [rows][k/2],       d, m float [rows][nb]         w = nibble * d + m
  *   nibbles of a block: byte j holds element j (low 4 bits) and element j+16 (high 4 bits).
  * Rounding is round-half-to-even everywhere, matching torch.round in the Python fallback.
+ *
+ * Every (weight row, activation row) product is computed by the same sequence of operations
+ * whatever the number of activation rows, so a batch gives each row what it would get alone.
  */
-#include <immintrin.h>
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-#define QK 32
+#include "qgemv.h"
 
-static inline float hsum8(__m256 v) {
-    __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
-    lo = _mm_add_ps(lo, hi);
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
-    return _mm_cvtss_f32(lo);
+/* 32 floats -> 32 int8 with one scale d = max|x| / 127 and s = d * sum(q). */
+static inline void quantize_block(const float *xb, int8_t *q, float *d, float *s) {
+    __m256 v[4], amax = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int j = 0; j < 4; j++) {
+        v[j] = _mm256_loadu_ps(xb + 8 * j);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float m = _mm_cvtss_f32(m4);
+    const float scale = m / 127.0f;
+    const __m256 vinv = _mm256_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
+    __m256i i32[4];
+    for (int j = 0; j < 4; j++)
+        i32[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], vinv),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    /* pack 32 int32 -> 32 int8, restoring element order after the lane-wise packs */
+    __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+    p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    _mm256_storeu_si256((__m256i *)q, p8);
+    *d = scale;
+    *s = scale * (float)_mm_cvtsi128_si32(s4);
+}
+
+void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < k / QK; b++) quantize_block(x + b * QK, q + b * QK, d + b, s + b);
 }
 
 /* x (n, k) float -> q (n, k) int8, d (n, nb) scale, s (n, nb) = d * sum(q) */
 void quantize_act(const float *x, int64_t n, int64_t k, int8_t *q, float *d, float *s) {
     const int64_t nb = k / QK;
     #pragma omp parallel for schedule(static) if (n * nb > 256)
-    for (int64_t r = 0; r < n * nb; r++) {
-        const float *xb = x + r * QK;
-        __m256 v[4], amax = _mm256_setzero_ps();
-        const __m256 sign = _mm256_set1_ps(-0.0f);
-        for (int j = 0; j < 4; j++) {
-            v[j] = _mm256_loadu_ps(xb + 8 * j);
-            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
-        }
-        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
-        const float m = _mm_cvtss_f32(m4);
-        const float scale = m / 127.0f;
-        const float inv = m > 0.0f ? 127.0f / m : 0.0f;
-        const __m256 vinv = _mm256_set1_ps(inv);
-        __m256i i32[4];
-        for (int j = 0; j < 4; j++)
-            i32[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[j], vinv),
-                                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-        __m256i sum = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
-        __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
-        s4 = _mm_hadd_epi32(s4, s4);
-        s4 = _mm_hadd_epi32(s4, s4);
-        /* pack 32 int32 -> 32 int8, restoring element order after the lane-wise packs */
-        __m256i p16a = _mm256_packs_epi32(i32[0], i32[1]);
-        __m256i p16b = _mm256_packs_epi32(i32[2], i32[3]);
-        __m256i p8 = _mm256_packs_epi16(p16a, p16b);
-        p8 = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-        _mm256_storeu_si256((__m256i *)(q + r * QK), p8);
-        d[r] = scale;
-        s[r] = scale * (float)_mm_cvtsi128_si32(s4);
-    }
+    for (int64_t r = 0; r < n * nb; r++) quantize_block(x + r * QK, q + r * QK, d + r, s + r);
 }
 
-static inline __m256 dot_q8_block(__m256i qw, __m256i qx) {
-    const __m256i ones = _mm256_set1_epi16(1);
-    __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, ones));
-}
-
+/* ------------------------------------------------------------------ block dot products */
 static inline __m256i unpack_nibbles(const uint8_t *p) {
     __m128i b = _mm_loadu_si128((const __m128i *)p);
     const __m128i low = _mm_set1_epi8(0x0F);
@@ -79,80 +70,115 @@ static inline __m256i unpack_nibbles(const uint8_t *p) {
     return _mm256_set_m128i(hi, lo); /* elements 0..15 then 16..31 */
 }
 
-#define ROWS_PARALLEL _Pragma("omp parallel for schedule(static) if (rows * nb * n > 4096)")
+/* Block b of row r as 32 bytes: signed values (q8, q4_0) or unsigned 0..15 (q4_1). */
+static inline __m256i load_block(int kind, const qmat *W, int64_t r, int64_t b) {
+    if (kind == KIND_Q8) return _mm256_loadu_si256((const __m256i *)((const int8_t *)W->qs + r * W->k + b * QK));
+    __m256i u = unpack_nibbles((const uint8_t *)W->qs + r * (W->k / 2) + b * 16);
+    return kind == KIND_Q4_0 ? _mm256_sub_epi8(u, _mm256_set1_epi8(8)) : u;
+}
 
-/* Each weight block is loaded (and unpacked) once and multiplied with up to NT activation rows,
- * so a batch of decode steps costs one pass over the weights. */
-#define NT 8
+/* The integer dot product of a weight block and an activation block, as 8 float partial sums. */
+static inline __m256 block_dot(int kind, __m256i qw, const int8_t *xq) {
+    const __m256i qx = _mm256_loadu_si256((const __m256i *)xq);
+    __m256i p16 = kind == KIND_Q4_1 ? _mm256_maddubs_epi16(qw, qx)
+                                    : _mm256_maddubs_epi16(_mm256_sign_epi8(qw, qw), _mm256_sign_epi8(qx, qw));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
+}
 
-/* q8 and q4_0: symmetric blocks, w = q * d; only how a block's 32 values are loaded differs. */
-static inline void gemm_sym(int q4, const void *wq, const float *wd, int64_t rows, int64_t k,
-                            const int8_t *xq, const float *xd, int64_t n, float *y) {
-    const int64_t nb = k / QK;
-    const __m256i eight = _mm256_set1_epi8(8);
-    ROWS_PARALLEL
-    for (int64_t r = 0; r < rows; r++) {
-        const float *d = wd + r * nb;
-        for (int64_t t0 = 0; t0 < n; t0 += NT) {
-            const int64_t nt = n - t0 < NT ? n - t0 : NT;
-            __m256 acc[NT];
-            for (int t = 0; t < nt; t++) acc[t] = _mm256_setzero_ps();
-            for (int64_t b = 0; b < nb; b++) {
-                __m256i qw = q4 ? _mm256_sub_epi8(unpack_nibbles((const uint8_t *)wq + r * (k / 2) + b * 16), eight)
-                                : _mm256_loadu_si256((const __m256i *)((const int8_t *)wq + r * k + b * QK));
+/* Rows [r0, r1) of W against activation rows [t0, t0 + nt), nt <= NT. Called with constant kind and nt so
+ * that each instance is specialized; the operations for one (row, activation row) pair never depend on nt:
+ * blocks alternate between two accumulators (two FMA chains in flight), summed at the end. */
+#define NT 4
+static inline __attribute__((always_inline)) void rows_kernel(int kind, int nt, const qmat *W, int64_t r0,
+                                                              int64_t r1, const acts *X, int64_t t0, float *y,
+                                                              int64_t ldy, int add) {
+    const int64_t k = W->k, nb = k / QK;
+    for (int64_t r = r0; r < r1; r++) {
+        float out[NT];
+        if (kind == KIND_F32) {
+            const float *w = (const float *)W->qs + r * k;
+            for (int t = 0; t < nt; t++) out[t] = dot_f32(w, X->f + (t0 + t) * k, k);
+        } else {
+            const float *d = W->d + r * nb;
+            __m256 a0[NT], a1[NT];
+            for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+            int64_t b = 0;
+            for (; b + 2 <= nb; b += 2) {
+                const __m256i w0 = load_block(kind, W, r, b), w1 = load_block(kind, W, r, b + 1);
                 for (int t = 0; t < nt; t++) {
-                    __m256i qx = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k + b * QK));
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * xd[(t0 + t) * nb + b]), dot_q8_block(qw, qx),
-                                             acc[t]);
+                    const int8_t *xq = X->q + (t0 + t) * k + b * QK;
+                    const float *xd = X->d + (t0 + t) * nb + b;
+                    a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * xd[0]), block_dot(kind, w0, xq), a0[t]);
+                    a1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b + 1] * xd[1]), block_dot(kind, w1, xq + QK), a1[t]);
                 }
             }
-            for (int t = 0; t < nt; t++) y[(t0 + t) * rows + r] = hsum8(acc[t]);
-        }
-    }
-}
-
-void gemm_q8(const int8_t *wq, const float *wd, int64_t rows, int64_t k,
-             const int8_t *xq, const float *xd, int64_t n, float *y) {
-    gemm_sym(0, wq, wd, rows, k, xq, xd, n, y);
-}
-
-void gemm_q4_0(const uint8_t *wq, const float *wd, int64_t rows, int64_t k,
-               const int8_t *xq, const float *xd, int64_t n, float *y) {
-    gemm_sym(1, wq, wd, rows, k, xq, xd, n, y);
-}
-
-void gemm_q4_1(const uint8_t *wq, const float *wd, const float *wm, int64_t rows, int64_t k,
-               const int8_t *xq, const float *xd, const float *xs, int64_t n, float *y) {
-    const int64_t nb = k / QK;
-    const __m256i ones = _mm256_set1_epi16(1);
-    ROWS_PARALLEL
-    for (int64_t r = 0; r < rows; r++) {
-        const uint8_t *w = wq + r * (k / 2);
-        const float *d = wd + r * nb, *m = wm + r * nb;
-        for (int64_t t0 = 0; t0 < n; t0 += NT) {
-            const int64_t nt = n - t0 < NT ? n - t0 : NT;
-            __m256 acc[NT];
-            float offset[NT];
+            if (b < nb) {
+                const __m256i w0 = load_block(kind, W, r, b);
+                for (int t = 0; t < nt; t++)
+                    a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * X->d[(t0 + t) * nb + b]),
+                                            block_dot(kind, w0, X->q + (t0 + t) * k + b * QK), a0[t]);
+            }
             for (int t = 0; t < nt; t++) {
-                acc[t] = _mm256_setzero_ps();
-                offset[t] = 0.0f;
+                out[t] = hsum8(_mm256_add_ps(a0[t], a1[t]));
+                if (kind == KIND_Q4_1) out[t] += dot_f32(W->m + r * nb, X->s + (t0 + t) * nb, nb);
             }
-            for (int64_t b = 0; b < nb; b++) {
-                __m256i qw = unpack_nibbles(w + b * 16); /* unsigned 0..15 */
-                for (int t = 0; t < nt; t++) {
-                    const int64_t row = (t0 + t) * nb + b;
-                    __m256i qx = _mm256_loadu_si256((const __m256i *)(xq + (t0 + t) * k + b * QK));
-                    __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(qw, qx), ones));
-                    acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * xd[row]), dot, acc[t]);
-                    offset[t] += m[b] * xs[row];
-                }
-            }
-            for (int t = 0; t < nt; t++) y[(t0 + t) * rows + r] = hsum8(acc[t]) + offset[t];
+        }
+        for (int t = 0; t < nt; t++) {
+            float *o = y + (t0 + t) * ldy + r;
+            *o = add ? *o + out[t] : out[t];
         }
     }
 }
 
-/* Dequantize to float (rows, k), for the prefill GEMM path. */
+#define NT_CASES(kind)                                                                          \
+    switch (nt) {                                                                               \
+    case 1: rows_kernel(kind, 1, W, r0, r1, X, t0, y, ldy, add); break;                         \
+    case 2: rows_kernel(kind, 2, W, r0, r1, X, t0, y, ldy, add); break;                         \
+    case 3: rows_kernel(kind, 3, W, r0, r1, X, t0, y, ldy, add); break;                         \
+    default: rows_kernel(kind, 4, W, r0, r1, X, t0, y, ldy, add); break;                        \
+    }
+
+static void rows_any(const qmat *W, int64_t r0, int64_t r1, const acts *X, int64_t t0, int nt, float *y,
+                     int64_t ldy, int add) {
+    switch (W->kind) {
+    case KIND_Q8: NT_CASES(KIND_Q8) break;
+    case KIND_Q4_0: NT_CASES(KIND_Q4_0) break;
+    case KIND_Q4_1: NT_CASES(KIND_Q4_1) break;
+    default: NT_CASES(KIND_F32) break;
+    }
+}
+
+#define CHUNK 16 /* rows per work item */
+
+void matmul_ws(const qmat *W, const acts *X, int64_t n, float *y, int64_t ldy, int add) {
+    const int64_t chunks = (W->rows + CHUNK - 1) / CHUNK;
+    #pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t r0 = c * CHUNK, r1 = r0 + CHUNK < W->rows ? r0 + CHUNK : W->rows;
+        /* each group of NT activation rows reuses the chunk's weight blocks from L1 */
+        for (int64_t t0 = 0; t0 < n; t0 += NT) rows_any(W, r0, r1, X, t0, (int)(n - t0 < NT ? n - t0 : NT), y, ldy, add);
+    }
+}
+
+/* One call per decode matmul from Python: quantize x (n, k), then y (n, rows) = x . W^T.
+ * kind: 0 = q8, 1 = q4_0, 2 = q4_1. */
+void qlinear(int kind, const void *wq, const float *wd, const float *wm, int64_t rows, int64_t k,
+             const float *x, int64_t n, float *y) {
+    const int64_t nb = k / QK;
+    void *heap = malloc((size_t)(n * k + 2 * n * nb * sizeof(float)));
+    if (!heap) return;
+    float *xd = (float *)heap, *xs = xd + n * nb;
+    int8_t *xq = (int8_t *)(xs + n * nb);
+    for (int64_t t = 0; t < n; t++) quantize_row(x + t * k, k, xq + t * k, xd + t * nb, xs + t * nb);
+    const qmat W = {kind, wq, wd, wm, rows, k};
+    const acts X = {x, xq, xd, xs, k};
+    #pragma omp parallel if (rows * nb * n > 4096)
+    matmul_ws(&W, &X, n, y, rows, 0);
+    free(heap);
+}
+
+/* ------------------------------------------------------------------------ dequantize */
+/* To float (rows, k), for the prefill GEMM path. */
 void dequant_q8(const int8_t *wq, const float *wd, int64_t rows, int64_t k, float *out) {
     const int64_t nb = k / QK;
     #pragma omp parallel for schedule(static)
@@ -180,73 +206,144 @@ void dequant_q4(const uint8_t *wq, const float *wd, const float *wm, int64_t row
     }
 }
 
-/* One call per decode matmul: quantize x (n, k) then multiply. kind: 0 = q8, 1 = q4_0, 2 = q4_1. */
-void qlinear(int kind, const void *wq, const float *wd, const float *wm, int64_t rows, int64_t k,
-             const float *x, int64_t n, float *y) {
-    const int64_t nb = k / QK;
-    int8_t stack_q[8 * 8192];
-    float stack_f[2 * 8 * 256];
-    int8_t *xq = stack_q;
-    float *xd = stack_f, *xs = stack_f + n * nb;
-    void *heap = NULL;
-    if (n * k > (int64_t)sizeof(stack_q) || 2 * n * nb > (int64_t)(sizeof(stack_f) / sizeof(float))) {
-        heap = malloc((size_t)(n * k + 2 * n * nb * sizeof(float)));
-        if (!heap) return;
-        xd = (float *)heap;
-        xs = xd + n * nb;
-        xq = (int8_t *)(xs + n * nb);
-    }
-    quantize_act(x, n, k, xq, xd, xs);
-    if (kind == 0) gemm_q8((const int8_t *)wq, wd, rows, k, xq, xd, n, y);
-    else if (kind == 1) gemm_q4_0((const uint8_t *)wq, wd, rows, k, xq, xd, n, y);
-    else gemm_q4_1((const uint8_t *)wq, wd, wm, rows, k, xq, xd, xs, n, y);
-    free(heap);
+/* ------------------------------------------------------------------------- attention */
+/* exp(x) for 8 floats (Cephes' polynomial after splitting off a power of two; ~1 ulp), 0 below -87. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.0f);
+    const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
-/* Attention for one new token per row, each row over its own number of cached keys.
- * q: (B, H, D); the layer's cache k, v: (rows, KVH, S, D); lens: keys per row; out: (B, H, D).
- * Every (row, head) is computed the same way whatever the batch, so batched decoding gives
- * each sequence exactly what it gets alone. Query head h reads KV head h / (H / KVH). */
-static inline float dot_f32(const float *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
+void silu_mul(const float *g, const float *u, int64_t n, float *out) {
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    float s = hsum8(acc);
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) out[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
 }
 
+/* The 8 sums of a[0..7]'s lanes, as one vector. */
+static inline __m256 hsum8x8(const __m256 *a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+/* Scores of one query against n <= ATT_CHUNK keys, then that chunk's softmax statistics:
+ * ml = (max score m, sum of exp(s - m)), acc = sum_j exp(s_j - m) v_j. Constant D keeps acc in registers. */
+static inline __attribute__((always_inline)) void attend_chunk_d(const float *q, const float *k, const float *v,
+                                                                 int64_t n, int64_t D, float scale, float *ml,
+                                                                 float *acc) {
+    float s[ATT_CHUNK];
+    int64_t j = 0;
+    if (D % 8 == 0) {
+        for (; j + 8 <= n; j += 8) {
+            __m256 a[8];
+            for (int t = 0; t < 8; t++) a[t] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < D; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + i);
+                for (int t = 0; t < 8; t++) a[t] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (j + t) * D + i), a[t]);
+            }
+            _mm256_storeu_ps(s + j, _mm256_mul_ps(hsum8x8(a), _mm256_set1_ps(scale)));
+        }
+    }
+    for (; j < n; j++) s[j] = dot_f32(q, k + j * D, D) * scale;
+    float m = -INFINITY;
+    for (j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+    __m256 lv = _mm256_setzero_ps();
+    for (j = 0; j + 8 <= n; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), _mm256_set1_ps(m)));
+        _mm256_storeu_ps(s + j, e);
+        lv = _mm256_add_ps(lv, e);
+    }
+    float l = hsum8(lv);
+    for (; j < n; j++) l += (s[j] = expf(s[j] - m));
+    ml[0] = m, ml[1] = l;
+    if (D % 8 == 0 && D <= 128) {
+        __m256 o[16];
+        for (int64_t i = 0; i < D / 8; i++) o[i] = _mm256_setzero_ps();
+        for (j = 0; j < n; j++) {
+            const __m256 w = _mm256_set1_ps(s[j]);
+            for (int64_t i = 0; i < D / 8; i++) o[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + j * D + 8 * i), o[i]);
+        }
+        for (int64_t i = 0; i < D / 8; i++) _mm256_storeu_ps(acc + 8 * i, o[i]);
+    } else {
+        for (int64_t i = 0; i < D; i++) acc[i] = 0.0f;
+        for (j = 0; j < n; j++)
+            for (int64_t i = 0; i < D; i++) acc[i] += s[j] * v[j * D + i];
+    }
+}
+
+void attend_chunk(const float *q, const float *k, const float *v, int64_t n, int64_t D, float scale, float *ml,
+                  float *acc) {
+    if (D == 64) attend_chunk_d(q, k, v, n, 64, scale, ml, acc);
+    else if (D == 128) attend_chunk_d(q, k, v, n, 128, scale, ml, acc);
+    else attend_chunk_d(q, k, v, n, D, scale, ml, acc);
+}
+
+/* Join the chunks of one query: out = sum_c acc_c exp(m_c - M) / sum_c l_c exp(m_c - M). */
+void attend_merge(const float *part, int64_t nch, int64_t D, float *out) {
+    const int64_t stride = D + 2;
+    float M = -INFINITY, L = 0.0f;
+    for (int64_t c = 0; c < nch; c++) M = part[c * stride] > M ? part[c * stride] : M;
+    for (int64_t i = 0; i < D; i++) out[i] = 0.0f;
+    for (int64_t c = 0; c < nch; c++) {
+        const float *p = part + c * stride, w = expf(p[0] - M);
+        L += p[1] * w;
+        for (int64_t i = 0; i < D; i++) out[i] += w * p[2 + i];
+    }
+    const float inv = 1.0f / L;
+    for (int64_t i = 0; i < D; i++) out[i] *= inv;
+}
+
+/* Decode attention for B rows of H query heads, row b over its first lens[b] keys. q: (B, H, D); out (B, H, D);
+ * the key/value of (row b, KV head g, position j) is at k/v + kv_row[b] * row_stride + (g * S + j) * D.
+ * Keys are cut into chunks of ATT_CHUNK (so long contexts spread over the threads, as flash decoding does);
+ * part holds B * H * ceil(max len / ATT_CHUNK) * (D + 2) floats. A worksharing construct, like matmul_ws.
+ * How a (row, head) is computed depends only on its own length: batches give what each row gets alone. */
+void attention_ws(const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t KVH, int64_t D,
+                  int64_t S, int64_t row_stride, const int64_t *kv_row, const int64_t *lens, float scale,
+                  float *part, int64_t max_chunks, float *out) {
+    const int64_t rep = H / KVH, stride = D + 2;
+    #pragma omp for schedule(static)
+    for (int64_t i = 0; i < B * H * max_chunks; i++) {
+        const int64_t bh = i / max_chunks, c = i % max_chunks, b = bh / H, h = bh % H, j0 = c * ATT_CHUNK;
+        if (j0 >= lens[b]) continue;
+        const int64_t n = lens[b] - j0 < ATT_CHUNK ? lens[b] - j0 : ATT_CHUNK;
+        const int64_t at = (kv_row ? kv_row[b] : b) * row_stride + ((h / rep) * S + j0) * D;
+        attend_chunk(q + bh * D, k + at, v + at, n, D, scale, part + i * stride, part + i * stride + 2);
+    }
+    #pragma omp for schedule(static)
+    for (int64_t bh = 0; bh < B * H; bh++)
+        attend_merge(part + bh * max_chunks * stride, (lens[bh / H] + ATT_CHUNK - 1) / ATT_CHUNK, D, out + bh * D);
+}
+
+/* The same from Python (Attention.forward's decode path): q (B, H, D); the layer's cache k, v: (rows, KVH, S, D),
+ * row b attending to its first lens[b] keys. */
 void attn_decode(const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t KVH, int64_t D,
                  int64_t S, const int64_t *lens, float scale, float *out) {
-    const int64_t rep = H / KVH;
-    #pragma omp parallel for schedule(static) if (B * H > 1)
-    for (int64_t bh = 0; bh < B * H; bh++) {
-        const int64_t b = bh / H, h = bh % H, n = lens[b];
-        const float *qv = q + bh * D;
-        const float *kb = k + (b * KVH + h / rep) * S * D;
-        const float *vb = v + (b * KVH + h / rep) * S * D;
-        float *o = out + bh * D;
-        float stack[4096];
-        float *p = n <= 4096 ? stack : (float *)malloc((size_t)n * sizeof(float));
-        float m = -INFINITY, sum = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            p[j] = dot_f32(qv, kb + j * D, D) * scale;
-            if (p[j] > m) m = p[j];
-        }
-        for (int64_t j = 0; j < n; j++) {
-            p[j] = expf(p[j] - m);
-            sum += p[j];
-        }
-        for (int64_t i = 0; i < D; i++) o[i] = 0.0f;
-        for (int64_t j = 0; j < n; j++) {
-            const float w = p[j] / sum;
-            const float *vj = vb + j * D;
-            int64_t i = 0;
-            for (; i + 8 <= D; i += 8)
-                _mm256_storeu_ps(o + i, _mm256_fmadd_ps(_mm256_set1_ps(w), _mm256_loadu_ps(vj + i),
-                                                        _mm256_loadu_ps(o + i)));
-            for (; i < D; i++) o[i] += w * vj[i];
-        }
-        if (p != stack) free(p);
-    }
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) longest = lens[b] > longest ? lens[b] : longest;
+    const int64_t max_chunks = (longest + ATT_CHUNK - 1) / ATT_CHUNK;
+    float *part = malloc((size_t)(B * H * max_chunks * (D + 2)) * sizeof(float));
+    if (!part) return;
+    #pragma omp parallel if (B * H * max_chunks > 1)
+    attention_ws(q, k, v, B, H, KVH, D, S, KVH * S * D, NULL, lens, scale, part, max_chunks, out);
+    free(part);
 }

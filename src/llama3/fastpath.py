@@ -1,0 +1,185 @@
+"""The decode step in one C call.
+
+``Transformer.forward`` is the readable reference: for one new token it makes ~2,000 PyTorch calls
+(norms, RoPE, cache writes, attention, quantized matmuls, residual adds), each costing a few
+microseconds of dispatch on a CPU, which is more than the matmuls themselves take for a small
+model. ``FastDecoder`` runs exactly that computation for one new token per row as one call into
+``kernels/decode.c``, reading the model's own tensors and writing the same ``KVCache`` (so prefill
+by ``forward`` and decode by the fast path can alternate freely).
+
+It serves models whose block matrices are quantized (``QuantLinear``: a GGUF's Q8_0/Q4_0/Q4_1
+blocks or ``--quantize int8|int4``) on the CPU in float32, when the C kernels are built. The exact
+float path (``quantize=None``) always runs ``forward``. ``FastDecoder.why_not(model)`` says why a
+model does not qualify; tests/test_fastpath.py holds its logits to ``forward``'s.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import kernels
+from .model import KVCache, Transformer
+from .quantize import QuantEmbedding, QuantLinear
+
+_KINDS = {"q8": 0, "q4_0": 1, "q4_1": 2}
+_F32 = 3
+_p, _i64, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
+
+
+class _QMat(ctypes.Structure):
+    _fields_ = [("kind", _i64), ("qs", _p), ("d", _p), ("m", _p), ("rows", _i64), ("k", _i64)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("attn_norm", _p), ("ffn_norm", _p), ("qkv", _QMat * 3), ("n_qkv", _i64),
+                ("w13", _QMat * 2), ("n_w13", _i64), ("wo", _QMat), ("w2", _QMat)]
+
+
+class _Model(ctypes.Structure):
+    _fields_ = [("dim", _i64), ("n_layers", _i64), ("n_heads", _i64), ("n_kv_heads", _i64), ("head_dim", _i64),
+                ("hidden", _i64), ("vocab", _i64), ("eps", _f64), ("attn_scale", _f64), ("rope_cos", _p),
+                ("rope_sin", _p), ("embed", _QMat), ("norm", _p), ("output", _QMat),
+                ("layers", ctypes.POINTER(_Layer))]
+
+
+class _Cache(ctypes.Structure):
+    _fields_ = [("k", _p), ("v", _p), ("layer_stride", _i64), ("row_stride", _i64), ("seq", _i64)]
+
+
+class _NotEligible(Exception):
+    pass
+
+
+def _f32(t: torch.Tensor, what: str) -> int:
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise _NotEligible(f"{what} is not a contiguous float32 CPU tensor")
+    return t.data_ptr()
+
+
+def _qmat(module: nn.Module, what: str, keep: list) -> _QMat:
+    """A matrix for the C side; ``keep`` collects the tensors it points into (kept alive with it)."""
+    if isinstance(module, (QuantLinear, QuantEmbedding)):
+        rows, k = (module.out_features, module.in_features) if isinstance(module, QuantLinear) else \
+            (module.num_embeddings, module.embedding_dim)
+        tensors = [module.qs, module.d] + ([module.m] if module.kind == "q4_1" else [])
+        if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+            raise _NotEligible(f"{what}'s blocks are not contiguous CPU tensors")
+        keep.extend(tensors)
+        m = module.m.data_ptr() if module.kind == "q4_1" else None
+        return _QMat(_KINDS[module.kind], module.qs.data_ptr(), module.d.data_ptr(), m, rows, k)
+    if isinstance(module, (nn.Linear, nn.Embedding)) and getattr(module, "bias", None) is None:
+        w = module.weight
+        keep.append(w)
+        return _QMat(_F32, _f32(w, what), None, None, w.shape[0], w.shape[1])
+    raise _NotEligible(f"{what} is a {type(module).__name__}, which the fast path does not run")
+
+
+def _group(modules: list[tuple[nn.Module, str]], keep: list, size: int):
+    mats = (_QMat * size)()
+    for i, (mod, what) in enumerate(modules):
+        mats[i] = _qmat(mod, what, keep)
+    return mats, len(modules)
+
+
+class FastDecoder:
+    """``decoder(tokens, positions, cache)``: logits (batch, vocab) for one new token per row, computed by
+    ``kernels/decode.c``; equal to ``model(tokens[:, None], start_pos=positions, cache=cache)[:, 0]`` within
+    float rounding. Build with ``FastDecoder.for_model(model)`` (None when the model does not qualify)."""
+
+    def __init__(self, model: Transformer, float_weights: bool = False):
+        """``float_weights=True`` also takes models whose blocks are float (the engine then runs float32
+        matrix-vector products); by default those run ``forward``, the exact reference path."""
+        lib = kernels.library()
+        if lib is None:
+            raise _NotEligible(f"the C kernels are unavailable ({kernels.why_not()})")
+        args = model.args
+        if any(getattr(m, "tap", None) is not None for m in model.modules()):
+            raise _NotEligible("a trace is attached (taps run only in forward)")
+        if not float_weights and not any(isinstance(m, QuantLinear) for m in model.layers.modules()):
+            raise _NotEligible("the blocks hold float weights (the exact path runs forward)")
+        if args.head_dim % 2:
+            raise _NotEligible("the head size is odd")
+        keep: list[torch.Tensor] = []
+        layers = (_Layer * args.n_layers)()
+        for i, block in enumerate(model.layers):
+            a, f = block.attention, block.feed_forward
+            qkv = [(a.wqkv, "wqkv")] if a.wqkv is not None else [(a.wq, "wq"), (a.wk, "wk"), (a.wv, "wv")]
+            w13 = [(f.w13, "w13")] if f.w13 is not None else [(f.w1, "w1"), (f.w3, "w3")]
+            lay = layers[i]
+            lay.attn_norm = _f32(block.attention_norm.weight, f"layers.{i}.attention_norm")
+            lay.ffn_norm = _f32(block.ffn_norm.weight, f"layers.{i}.ffn_norm")
+            keep += [block.attention_norm.weight, block.ffn_norm.weight]
+            lay.qkv, lay.n_qkv = _group([(m, f"layers.{i}.attention.{n}") for m, n in qkv], keep, 3)
+            lay.w13, lay.n_w13 = _group([(m, f"layers.{i}.feed_forward.{n}") for m, n in w13], keep, 2)
+            lay.wo = _qmat(a.wo, f"layers.{i}.attention.wo", keep)
+            lay.w2 = _qmat(f.w2, f"layers.{i}.feed_forward.w2", keep)
+            for mat in [*lay.qkv[:lay.n_qkv], *lay.w13[:lay.n_w13], lay.wo, lay.w2]:
+                if mat.kind != _F32 and mat.k % 32:
+                    raise _NotEligible(f"layer {i} has a quantized matrix with rows of {mat.k}")
+        keep += [model.rope_cos, model.rope_sin, model.norm.weight]
+        self._model = _Model(
+            dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.kv_heads,
+            head_dim=args.head_dim, hidden=args.hidden_dim, vocab=args.vocab_size, eps=args.norm_eps,
+            attn_scale=1.0 / math.sqrt(args.head_dim), rope_cos=_f32(model.rope_cos, "rope_cos"),
+            rope_sin=_f32(model.rope_sin, "rope_sin"), embed=_qmat(model.tok_embeddings, "tok_embeddings", keep),
+            norm=_f32(model.norm.weight, "norm"), output=_qmat(model.output, "output", keep), layers=layers)
+        self._layers, self._keep = layers, keep  # the structs point into these: keep them alive
+        self._lib = lib
+        self.args = args
+        self.max_seq_len = args.max_seq_len
+
+    @classmethod
+    def for_model(cls, model: Transformer, float_weights: bool = False) -> "FastDecoder | None":
+        try:
+            return cls(model, float_weights)
+        except _NotEligible:
+            return None
+
+    @staticmethod
+    def why_not(model: Transformer) -> str | None:
+        """None if the model qualifies, else the reason it does not."""
+        try:
+            FastDecoder(model)
+        except _NotEligible as e:
+            return str(e)
+        return None
+
+    def __call__(self, tokens: Sequence[int], positions: Sequence[int], cache: KVCache,
+                 rows: Sequence[int] | None = None, threads: int | None = None) -> torch.Tensor:
+        """tokens[b] goes at positions[b] of cache row rows[b] (default: row b); returns (batch, vocab)."""
+        batch = len(tokens)
+        if batch == 0 or len(positions) != batch or (rows is not None and len(rows) != batch):
+            raise ValueError(f"need one token, position and row per sequence; got {batch} tokens, "
+                             f"{len(positions)} positions" + (f", {len(rows)} rows" if rows is not None else ""))
+        if rows is not None and len(set(rows)) != batch:
+            raise ValueError("two sequences cannot share a cache row")
+        k, v = cache.k, cache.v
+        n_cache_rows, seq = k.shape[1], k.shape[3]
+        row_ids = range(batch) if rows is None else rows
+        for t, p, r in zip(tokens, positions, row_ids):
+            if not 0 <= t < self.args.vocab_size:
+                raise ValueError(f"token id {t} is outside the vocabulary [0, {self.args.vocab_size})")
+            if not 0 <= p < min(seq, self.max_seq_len):
+                raise ValueError(f"position {p} is outside the cache's {seq} positions")
+            if not 0 <= r < n_cache_rows:
+                raise ValueError(f"cache row {r} does not exist (the cache has {n_cache_rows})")
+        if k.dtype != torch.float32 or k.device.type != "cpu" or k.stride()[2:] != (seq * k.shape[4], k.shape[4], 1) \
+                or k.stride() != v.stride() or tuple(k.shape[2:]) != (self.args.kv_heads, seq, self.args.head_dim) \
+                or k.shape[0] != self.args.n_layers:
+            raise ValueError("the cache does not match the model (shape, float32 on the CPU, contiguous rows)")
+        c = _Cache(k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1), seq)
+        tok = torch.tensor(tokens, dtype=torch.int64)
+        pos = torch.tensor(positions, dtype=torch.int64)
+        row_t = torch.tensor(rows, dtype=torch.int64) if rows is not None else None
+        logits = torch.empty((batch, self.args.vocab_size), dtype=torch.float32)
+        rc = self._lib.decode_step(ctypes.byref(self._model), ctypes.byref(c), batch, tok.data_ptr(), pos.data_ptr(),
+                                   row_t.data_ptr() if row_t is not None else None, logits.data_ptr(),
+                                   threads or torch.get_num_threads())
+        if rc != 0:
+            raise MemoryError("the fast decode step could not allocate its work buffers")
+        return logits
