@@ -183,3 +183,25 @@ def test_bad_calls_are_refused(smollm2_fast):
         fast([1, 2], [0], cache)
     with pytest.raises(ValueError, match="does not match the model"):
         fast([1], [0], KVCache(llm.args, max_batch_size=1, max_seq_len=16, dtype=torch.float16))
+
+
+def test_thread_count_is_measured_and_never_changes_the_logits(smollm2_fast):
+    from llama3.fastpath import ThreadTuner, tuned_threads
+
+    llm = smollm2_fast
+    fast = FastDecoder(llm.model)
+    cache = KVCache(llm.args, max_batch_size=1, max_seq_len=32)
+    one = fast([5], [0], cache, threads=1)
+    two = fast([5], [0], cache, threads=2)
+    assert torch.equal(one, two)
+    tuner = ThreadTuner(4)
+    assert tuner.candidates == [4, 3, 2] and tuner.best is None
+    for _ in range(ThreadTuner.TRIALS):
+        for c in tuner.candidates:
+            assert tuner.pick() == c  # rotates through the candidates
+            tuner.record(c, {4: 0.02, 3: 0.01, 2: 0.03}[c])
+    assert tuner.best == 3 and tuner.pick() == 3
+    assert ThreadTuner(1).best == 1
+    for i in range(3 * ThreadTuner.TRIALS):
+        fast([5], [i], cache)
+    assert tuned_threads(llm.model) in range(1, torch.get_num_threads() + 1)

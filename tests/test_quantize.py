@@ -15,7 +15,7 @@ from llama3.quantize import QuantLinear, QuantTensor, describe, fuse, quantize_m
 KINDS = ["q8", "q4_0", "q4_1"]
 
 
-def random_qtensor(kind, rows, k, seed=0):
+def random_qtensor(kind, rows, k, seed=0):  # (QuantTensor rounds the scales to float16)
     g = torch.Generator().manual_seed(seed)
     nb = k // 32
     qs = torch.randint(-127, 128, (rows, k), generator=g, dtype=torch.int8) if kind == "q8" else \

@@ -62,7 +62,9 @@ class OursEngine:
         self.path = describe(self.llm.model)
 
     def run(self, ids, new_tokens):
+        from llama3.fastpath import tuned_threads
         from llama3.sampling import SamplingParams
+
 
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
         t0 = time.perf_counter()
@@ -72,7 +74,11 @@ class OursEngine:
             if first is None:
                 first = time.perf_counter()
             out.append(step.token_id)
-        return t0, first, time.perf_counter(), out
+        end = time.perf_counter()
+        chosen = tuned_threads(self.llm.model)
+        if chosen is not None and "decode threads" not in self.path:
+            self.path += f", {chosen} decode threads (measured)"
+        return t0, first, end, out
 
 
 class LlamaCppEngine:
@@ -151,7 +157,8 @@ def worker(argv: list[str]) -> None:
             break
         t0, first, end, out = engine.run(ids, new_tokens)
         print(json.dumps({"prefill_s": first - t0, "decode_s": end - first, "tokens": out}), flush=True)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "path": engine.path}),
+          flush=True)
 
 
 def _available(engine: str) -> tuple[bool, str]:
@@ -209,7 +216,8 @@ def run_bench(model=None, prompt_tokens: int = 256, new_tokens: int = 128, repea
     for name, proc in workers.items():
         proc.stdin.write("quit\n")
         proc.stdin.flush()
-        rss = json.loads(proc.stdout.readline())["peak_rss_mb"]
+        last = json.loads(proc.stdout.readline())
+        rss, info[name]["path"] = last["peak_rss_mb"], last["path"]
         proc.wait(timeout=60)
         pre = [prompt_tokens / s["prefill_s"] for s in samples[name]]
         dec = [(new_tokens - 1) / s["decode_s"] for s in samples[name]]

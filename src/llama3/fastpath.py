@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import ctypes
 import math
+import statistics
+import time
+import weakref
 from typing import Sequence
 
 import torch
@@ -55,6 +58,42 @@ class _NotEligible(Exception):
     pass
 
 
+class ThreadTuner:
+    """Chooses the decode step's thread count by measurement: the first steps rotate through the
+    candidates (all, half, all but one; never more than ``torch.get_num_threads()``), ``TRIALS`` timed
+    steps each, and the fastest median wins from then on. The logits do not depend on the thread count
+    (each row's sums run in the same order whoever computes them), so tuning on live steps is free."""
+
+    TRIALS = 3
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.candidates = sorted({limit, max(1, limit // 2), max(1, limit - 1)}, reverse=True)
+        self.times: dict[int, list[float]] = {c: [] for c in self.candidates}
+        self.best: int | None = self.candidates[0] if len(self.candidates) == 1 else None
+
+    def pick(self) -> int:
+        if self.best is not None:
+            return self.best
+        return min(self.candidates, key=lambda c: len(self.times[c]))
+
+    def record(self, threads: int, seconds: float) -> None:
+        if self.best is None:
+            self.times[threads].append(seconds)
+            if all(len(t) >= self.TRIALS for t in self.times.values()):
+                self.best = min(self.candidates, key=lambda c: statistics.median(self.times[c]))
+
+
+# one tuner per (model, thread limit, batch of one or more), shared by every FastDecoder built for the model
+_TUNERS: "weakref.WeakKeyDictionary[Transformer, dict]" = weakref.WeakKeyDictionary()
+
+
+def tuned_threads(model: Transformer, batch: int = 1) -> int | None:
+    """The thread count the fast decode step settled on for this model (None: not measured yet)."""
+    tuner = _TUNERS.get(model, {}).get((torch.get_num_threads(), batch > 1))
+    return tuner.best if tuner is not None else None
+
+
 def _f32(t: torch.Tensor, what: str) -> int:
     if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
         raise _NotEligible(f"{what} is not a contiguous float32 CPU tensor")
@@ -67,8 +106,8 @@ def _qmat(module: nn.Module, what: str, keep: list) -> _QMat:
         rows, k = (module.out_features, module.in_features) if isinstance(module, QuantLinear) else \
             (module.num_embeddings, module.embedding_dim)
         tensors = [module.qs, module.d] + ([module.m] if module.kind == "q4_1" else [])
-        if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
-            raise _NotEligible(f"{what}'s blocks are not contiguous CPU tensors")
+        if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors) or module.d.dtype != torch.float16:
+            raise _NotEligible(f"{what}'s blocks are not contiguous CPU tensors with float16 scales")
         keep.extend(tensors)
         m = module.m.data_ptr() if module.kind == "q4_1" else None
         return _QMat(_KINDS[module.kind], module.qs.data_ptr(), module.d.data_ptr(), m, rows, k)
@@ -130,6 +169,7 @@ class FastDecoder:
             norm=_f32(model.norm.weight, "norm"), output=_qmat(model.output, "output", keep), layers=layers)
         self._layers, self._keep = layers, keep  # the structs point into these: keep them alive
         self._lib = lib
+        self._tuners = _TUNERS.setdefault(model, {})
         self.args = args
         self.max_seq_len = args.max_seq_len
 
@@ -151,7 +191,8 @@ class FastDecoder:
 
     def __call__(self, tokens: Sequence[int], positions: Sequence[int], cache: KVCache,
                  rows: Sequence[int] | None = None, threads: int | None = None) -> torch.Tensor:
-        """tokens[b] goes at positions[b] of cache row rows[b] (default: row b); returns (batch, vocab)."""
+        """tokens[b] goes at positions[b] of cache row rows[b] (default: row b); returns (batch, vocab).
+        ``threads``: how many threads run the step (default: chosen by ``ThreadTuner``)."""
         batch = len(tokens)
         if batch == 0 or len(positions) != batch or (rows is not None and len(rows) != batch):
             raise ValueError(f"need one token, position and row per sequence; got {batch} tokens, "
@@ -177,9 +218,16 @@ class FastDecoder:
         pos = torch.tensor(positions, dtype=torch.int64)
         row_t = torch.tensor(rows, dtype=torch.int64) if rows is not None else None
         logits = torch.empty((batch, self.args.vocab_size), dtype=torch.float32)
+        tuner = None
+        if threads is None:
+            key = (torch.get_num_threads(), batch > 1)
+            tuner = self._tuners.get(key) or self._tuners.setdefault(key, ThreadTuner(key[0]))
+            threads = tuner.pick()
+        start = time.perf_counter()
         rc = self._lib.decode_step(ctypes.byref(self._model), ctypes.byref(c), batch, tok.data_ptr(), pos.data_ptr(),
-                                   row_t.data_ptr() if row_t is not None else None, logits.data_ptr(),
-                                   threads or torch.get_num_threads())
+                                   row_t.data_ptr() if row_t is not None else None, logits.data_ptr(), threads)
+        if tuner is not None:
+            tuner.record(threads, time.perf_counter() - start)
         if rc != 0:
             raise MemoryError("the fast decode step could not allocate its work buffers")
         return logits

@@ -25,8 +25,9 @@ GGUF_KINDS = {"Q8_0": "q8", "Q4_0": "q4_0", "Q4_1": "q4_1"}
 
 @dataclass
 class QuantTensor:
-    """A (rows, k) weight in blocks of 32: integer values ``qs``, float32 scales ``d`` and, for
-    q4_1, offsets ``m`` (see kernels/qgemv.c for the layouts)."""
+    """A (rows, k) weight in blocks of 32: integer values ``qs``, float16 scales ``d`` (rows, k/32) and,
+    for q4_1, float16 offsets ``m`` (see kernels/qgemv.c for the layouts). Scales given in another
+    dtype are rounded to float16, as GGUF stores them."""
 
     kind: str  # "q8" | "q4_0" | "q4_1"
     qs: torch.Tensor
@@ -34,6 +35,11 @@ class QuantTensor:
     m: torch.Tensor | None
     rows: int
     k: int
+
+    def __post_init__(self):
+        self.d = self.d.to(torch.float16).contiguous()
+        if self.m is not None:
+            self.m = self.m.to(torch.float16).contiguous()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -44,24 +50,25 @@ class QuantTensor:
 
     @classmethod
     def from_gguf(cls, raw: np.ndarray, type_name: str, shape: tuple[int, int]) -> "QuantTensor":
-        """Repack GGUF blocks (fp16 scales inline) into our layout (float32 scales apart)."""
+        """Split GGUF blocks (float16 scales inline with the values) into our arrays."""
         rows, k = shape
         nb = k // QK
         kind = GGUF_KINDS[type_name]
         block = {"q8": 34, "q4_0": 18, "q4_1": 20}[kind]
         b = np.asarray(raw, dtype=np.uint8).reshape(rows, nb, block)
-        d = torch.from_numpy(b[..., 0:2].copy().view(np.float16).astype(np.float32).reshape(rows, nb))
+        d = torch.from_numpy(b[..., 0:2].copy().view(np.float16).reshape(rows, nb))
         if kind == "q8":
             qs = torch.from_numpy(b[..., 2:].copy().view(np.int8).reshape(rows, k))
             return cls(kind, qs, d, None, rows, k)
         if kind == "q4_0":
             return cls(kind, torch.from_numpy(b[..., 2:].copy().reshape(rows, k // 2)), d, None, rows, k)
-        m = torch.from_numpy(b[..., 2:4].copy().view(np.float16).astype(np.float32).reshape(rows, nb))
+        m = torch.from_numpy(b[..., 2:4].copy().view(np.float16).reshape(rows, nb))
         return cls(kind, torch.from_numpy(b[..., 4:].copy().reshape(rows, k // 2)), d, m, rows, k)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, scheme: str) -> "QuantTensor":
-        """int8: symmetric blocks (q8, as Q8_0); int4: blocks with a minimum (q4_1, as Q4_1)."""
+        """int8: symmetric blocks (q8, as Q8_0); int4: blocks with a minimum (q4_1, as Q4_1). Values are
+        rounded against the float16 scales that are stored."""
         if scheme not in SCHEMES:
             raise ValueError(f"unknown quantization {scheme!r}; expected one of {', '.join(SCHEMES)} or none")
         rows, k = w.shape
@@ -69,17 +76,16 @@ class QuantTensor:
             raise ValueError(f"cannot quantize a weight with rows of {k}: not a multiple of {QK}")
         wb = w.detach().float().reshape(rows, k // QK, QK)
         if scheme == "int8":
-            amax = wb.abs().amax(-1)
-            d = amax / 127.0
-            inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+            d = (wb.abs().amax(-1) / 127.0).half().float()
+            inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
             qs = torch.round(wb * inv[..., None]).clamp(-127, 127).to(torch.int8).reshape(rows, k)
-            return cls("q8", qs.contiguous(), d.contiguous(), None, rows, k)
-        lo, hi = wb.amin(-1), wb.amax(-1)
-        d = (hi - lo) / 15.0
+            return cls("q8", qs.contiguous(), d, None, rows, k)
+        lo, hi = wb.amin(-1).half().float(), wb.amax(-1)
+        d = ((hi - lo) / 15.0).half().float()
         inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
         n = torch.round((wb - lo[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8)
         packed = (n[..., :16] | (n[..., 16:] << 4)).reshape(rows, k // 2)
-        return cls("q4_1", packed.contiguous(), d.contiguous(), lo.contiguous(), rows, k)
+        return cls("q4_1", packed.contiguous(), d, lo, rows, k)
 
 
 class QuantLinear(nn.Module):
@@ -191,10 +197,14 @@ def fuse(model) -> None:
 
 def describe(model) -> str:
     """Which path runs, for `explain` and `bench`."""
+    from .fastpath import FastDecoder
+
     kinds = sorted({m.kind for m in model.modules() if isinstance(m, QuantLinear)})
     fused = any(getattr(b.attention, "wqkv", None) is not None for b in model.layers)
     dtype = model.norm.weight.dtype
     if not kinds:
         return f"float ({str(dtype).replace('torch.', '')})" + (", fused qkv/w13" if fused else "")
     lib = "C kernels (AVX2)" if kernels.library() is not None else f"PyTorch fallback ({kernels.why_not()})"
-    return f"quantized {'/'.join(kinds)} weights, int8 activations, {lib}" + (", fused qkv/w13" if fused else "")
+    step = ", decode step in one C call" if FastDecoder.why_not(model) is None else ""
+    return f"quantized {'/'.join(kinds)} weights, int8 activations, {lib}" + (", fused qkv/w13" if fused else "") \
+        + step

@@ -171,7 +171,8 @@ def execution_path(target) -> str:
         kept = [t for t in types if t in GGUF_KINDS]
         if kept and kernels.library() is not None:
             rest = [t for t in types if t not in GGUF_KINDS]
-            return (f"quantized: {', '.join(kept)} blocks kept and run by the C kernels (int8 activations)"
+            return (f"quantized: {', '.join(kept)} blocks kept and run by the C kernels (int8 activations; "
+                    "each decode step one C call)"
                     + (f"; {', '.join(rest)} dequantized to float" if rest else "")
                     + "; --quantize none for the exact float path")
         if kept:

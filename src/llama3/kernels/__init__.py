@@ -139,10 +139,12 @@ def quantize_activations(x: torch.Tensor, use_c: bool = True):
 
 def qmatmul(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None, rows: int, k: int,
             x: torch.Tensor, use_c: bool = True) -> torch.Tensor:
-    """y (n, rows) = x (n, k) @ W.T for a block-quantized W, with x quantized to int8 blocks."""
+    """y (n, rows) = x (n, k) @ W.T for a block-quantized W (scales ``d`` and offsets ``m`` float16), with x
+    quantized to int8 blocks."""
     n = x.shape[0]
     lib = library() if use_c else None
     if lib is not None:  # one C call: quantize the activations, then the integer block dot products
+        _check_scales(d, m)
         y = torch.empty((n, rows), dtype=torch.float32)
         lib.qlinear(_KIND_ID[kind], qs.data_ptr(), d.data_ptr(), m.data_ptr() if m is not None else None,
                     rows, k, x.data_ptr(), n, y.data_ptr())
@@ -151,10 +153,16 @@ def qmatmul(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | None
     nb = k // QK
     qw = unpack(kind, qs, rows, k).view(rows, nb, QK).float()  # integer values, exact in float32
     dots = torch.einsum("rbi,nbi->nrb", qw, xq.view(n, nb, QK).float())  # exact integer block dots
-    y = (dots * (d[None] * xd[:, None])).sum(-1)
+    y = (dots * (d.float()[None] * xd[:, None])).sum(-1)
     if kind == "q4_1":
-        y = y + (m[None] * xs[:, None]).sum(-1)
+        y = y + (m.float()[None] * xs[:, None]).sum(-1)
     return y
+
+
+def _check_scales(d: torch.Tensor, m: torch.Tensor | None) -> None:
+    for t in (d, m) if m is not None else (d,):
+        if t.dtype != torch.float16 or not t.is_contiguous():
+            raise ValueError(f"block scales must be contiguous float16 (as in GGUF), got {t.dtype}")
 
 
 def unpack(kind: str, qs: torch.Tensor, rows: int, k: int) -> torch.Tensor:
@@ -172,6 +180,7 @@ def dequantize(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | N
     """The float32 weights (rows, k)."""
     lib = library() if use_c else None
     if lib is not None:
+        _check_scales(d, m if kind == "q4_1" else None)
         out = torch.empty((rows, k), dtype=torch.float32)
         if kind == "q8":
             lib.dequant_q8(_ptr(qs), _ptr(d), rows, k, _ptr(out))
@@ -179,9 +188,9 @@ def dequantize(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | N
             lib.dequant_q4(_ptr(qs), _ptr(d), _ptr(m) if kind == "q4_1" else None, rows, k, _ptr(out))
         return out
     vals = unpack(kind, qs, rows, k).view(rows, k // QK, QK).float()
-    w = vals * d[..., None]
+    w = vals * d.float()[..., None]
     if kind == "q4_1":
-        w = w + m[..., None]
+        w = w + m.float()[..., None]
     return w.view(rows, k)
 
 

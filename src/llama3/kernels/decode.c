@@ -65,7 +65,7 @@ static void embed_row(const qmat *E, int64_t token, float *out) {
         return;
     }
     for (int64_t b = 0; b < nb; b++) {
-        const float d = E->d[token * nb + b];
+        const float d = _cvtsh_ss(E->d[token * nb + b]);
         float *o = out + b * QK;
         if (E->kind == KIND_Q8) {
             const int8_t *q = (const int8_t *)E->qs + token * k + b * QK;
@@ -73,7 +73,7 @@ static void embed_row(const qmat *E, int64_t token, float *out) {
         } else {
             const uint8_t *q = (const uint8_t *)E->qs + token * (k / 2) + b * 16;
             const int q41 = E->kind == KIND_Q4_1, off = q41 ? 0 : 8;
-            const float m = q41 ? E->m[token * nb + b] : 0.0f;
+            const float m = q41 ? _cvtsh_ss(E->m[token * nb + b]) : 0.0f;
             for (int j = 0; j < 16; j++) {
                 o[j] = (float)((q[j] & 0x0F) - off) * d;
                 o[j + 16] = (float)((q[j] >> 4) - off) * d;

@@ -1,15 +1,16 @@
 /* Quantized matrix-vector kernels for decode on x86-64 CPUs (AVX2 + FMA).
  *
- * Weights stay in 32-element blocks (GGUF's Q8_0, Q4_0, Q4_1, repacked so scales are float32);
+ * Weights stay in 32-element blocks (GGUF's Q8_0, Q4_0, Q4_1 with their float16 scales, the integer
+ * values and the scales in separate arrays);
  * activations are quantized to int8 blocks of 32 (as llama.cpp's Q8_0/Q8_1) and every block
  * product is an integer dot product:  sum_i w_i x_i = d_w d_x sum_i q_w,i q_x,i  (+ m_w sum_i x_i
  * for Q4_1's offset). AVX2 has no signed*signed byte multiply, so (as llama.cpp does) we multiply
  * |q_w| (unsigned) by q_x carrying q_w's sign: _mm256_maddubs_epi16(sign(q_w,q_w), sign(q_x,q_w)).
  *
  * Layouts (row-major, k a multiple of 32, nb = k / 32):
- *   q8:   qs int8 [rows][k],          d float [rows][nb]            w = q * d
- *   q4_0: qs uint8 [rows][k/2],       d float [rows][nb]            w = (nibble - 8) * d
- *   q4_1: qs uint8 [rows][k/2],       d, m float [rows][nb]         w = nibble * d + m
+ *   q8:   qs int8 [rows][k],          d f16 [rows][nb]              w = q * d
+ *   q4_0: qs uint8 [rows][k/2],       d f16 [rows][nb]              w = (nibble - 8) * d
+ *   q4_1: qs uint8 [rows][k/2],       d, m f16 [rows][nb]           w = nibble * d + m
  *   nibbles of a block: byte j holds element j (low 4 bits) and element j+16 (high 4 bits).
  * Rounding is round-half-to-even everywhere, matching torch.round in the Python fallback.
  *
@@ -64,10 +65,9 @@ void quantize_act(const float *x, int64_t n, int64_t k, int8_t *q, float *d, flo
 
 /* ------------------------------------------------------------------ block dot products */
 static inline __m256i unpack_nibbles(const uint8_t *p) {
-    __m128i b = _mm_loadu_si128((const __m128i *)p);
-    const __m128i low = _mm_set1_epi8(0x0F);
-    __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-    return _mm256_set_m128i(hi, lo); /* elements 0..15 then 16..31 */
+    /* the 16 bytes in both halves; the upper half shifted right by 4: low nibbles, then high nibbles */
+    const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_and_si256(_mm256_srlv_epi64(b, _mm256_setr_epi64x(0, 0, 4, 4)), _mm256_set1_epi8(0x0F));
 }
 
 /* Block b of row r as 32 bytes: signed values (q8, q4_0) or unsigned 0..15 (q4_1). */
@@ -99,28 +99,45 @@ static inline __attribute__((always_inline)) void rows_kernel(int kind, int nt, 
             const float *w = (const float *)W->qs + r * k;
             for (int t = 0; t < nt; t++) out[t] = dot_f32(w, X->f + (t0 + t) * k, k);
         } else {
-            const float *d = W->d + r * nb;
+            const uint16_t *d = W->d + r * nb;
             __m256 a0[NT], a1[NT];
             for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm256_setzero_ps();
             int64_t b = 0;
+            if (nt == 1) { /* the 8 scale products of 8 blocks in one multiply (the same products as below) */
+                const float *xd = X->d + t0 * nb;
+                const int8_t *xq = X->q + t0 * k;
+                for (; b + 8 <= nb; b += 8) {
+                    const __m256 sc = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(d + b))),
+                                                    _mm256_loadu_ps(xd + b));
+                    for (int j = 0; j < 8; j += 2) {
+                        const __m256i w0 = load_block(kind, W, r, b + j), w1 = load_block(kind, W, r, b + j + 1);
+                        a0[0] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j)),
+                                                block_dot(kind, w0, xq + (b + j) * QK), a0[0]);
+                        a1[0] = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(sc, _mm256_set1_epi32(j + 1)),
+                                                block_dot(kind, w1, xq + (b + j + 1) * QK), a1[0]);
+                    }
+                }
+            }
             for (; b + 2 <= nb; b += 2) {
                 const __m256i w0 = load_block(kind, W, r, b), w1 = load_block(kind, W, r, b + 1);
+                const float d0 = _cvtsh_ss(d[b]), d1 = _cvtsh_ss(d[b + 1]);
                 for (int t = 0; t < nt; t++) {
                     const int8_t *xq = X->q + (t0 + t) * k + b * QK;
                     const float *xd = X->d + (t0 + t) * nb + b;
-                    a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * xd[0]), block_dot(kind, w0, xq), a0[t]);
-                    a1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b + 1] * xd[1]), block_dot(kind, w1, xq + QK), a1[t]);
+                    a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * xd[0]), block_dot(kind, w0, xq), a0[t]);
+                    a1[t] = _mm256_fmadd_ps(_mm256_set1_ps(d1 * xd[1]), block_dot(kind, w1, xq + QK), a1[t]);
                 }
             }
             if (b < nb) {
                 const __m256i w0 = load_block(kind, W, r, b);
+                const float d0 = _cvtsh_ss(d[b]);
                 for (int t = 0; t < nt; t++)
-                    a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * X->d[(t0 + t) * nb + b]),
+                    a0[t] = _mm256_fmadd_ps(_mm256_set1_ps(d0 * X->d[(t0 + t) * nb + b]),
                                             block_dot(kind, w0, X->q + (t0 + t) * k + b * QK), a0[t]);
             }
             for (int t = 0; t < nt; t++) {
                 out[t] = hsum8(_mm256_add_ps(a0[t], a1[t]));
-                if (kind == KIND_Q4_1) out[t] += dot_f32(W->m + r * nb, X->s + (t0 + t) * nb, nb);
+                if (kind == KIND_Q4_1) out[t] += dot_f16_f32(W->m + r * nb, X->s + (t0 + t) * nb, nb);
             }
         }
         for (int t = 0; t < nt; t++) {
@@ -162,7 +179,7 @@ void matmul_ws(const qmat *W, const acts *X, int64_t n, float *y, int64_t ldy, i
 
 /* One call per decode matmul from Python: quantize x (n, k), then y (n, rows) = x . W^T.
  * kind: 0 = q8, 1 = q4_0, 2 = q4_1. */
-void qlinear(int kind, const void *wq, const float *wd, const float *wm, int64_t rows, int64_t k,
+void qlinear(int kind, const void *wq, const uint16_t *wd, const uint16_t *wm, int64_t rows, int64_t k,
              const float *x, int64_t n, float *y) {
     const int64_t nb = k / QK;
     void *heap = malloc((size_t)(n * k + 2 * n * nb * sizeof(float)));
@@ -179,11 +196,11 @@ void qlinear(int kind, const void *wq, const float *wd, const float *wm, int64_t
 
 /* ------------------------------------------------------------------------ dequantize */
 /* To float (rows, k), for the prefill GEMM path. */
-void dequant_q8(const int8_t *wq, const float *wd, int64_t rows, int64_t k, float *out) {
+void dequant_q8(const int8_t *wq, const uint16_t *wd, int64_t rows, int64_t k, float *out) {
     const int64_t nb = k / QK;
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < rows * nb; i++) {
-        const __m256 d = _mm256_set1_ps(wd[i]);
+        const __m256 d = _mm256_set1_ps(_cvtsh_ss(wd[i]));
         for (int j = 0; j < 4; j++) {
             __m128i b8 = _mm_loadl_epi64((const __m128i *)(wq + i * QK + 8 * j));
             _mm256_storeu_ps(out + i * QK + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8))));
@@ -191,17 +208,18 @@ void dequant_q8(const int8_t *wq, const float *wd, int64_t rows, int64_t k, floa
     }
 }
 
-void dequant_q4(const uint8_t *wq, const float *wd, const float *wm, int64_t rows, int64_t k, float *out) {
+void dequant_q4(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t rows, int64_t k, float *out) {
     /* wm == 0: Q4_0 ((n - 8) * d); else Q4_1 (n * d + m) */
     const int64_t nb = k / QK;
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < rows * nb; i++) {
-        const float d = wd[i], m = wm ? wm[i] : -8.0f * d;
+        const float d = _cvtsh_ss(wd[i]), m = wm ? _cvtsh_ss(wm[i]) : 0.0f;
+        const int off = wm ? 0 : 8;
         const uint8_t *p = wq + i * 16;
         float *o = out + i * QK;
         for (int j = 0; j < 16; j++) {
-            o[j] = (float)(p[j] & 0x0F) * d + m;
-            o[j + 16] = (float)(p[j] >> 4) * d + m;
+            o[j] = (float)((p[j] & 0x0F) - off) * d + m;
+            o[j + 16] = (float)((p[j] >> 4) - off) * d + m;
         }
     }
 }

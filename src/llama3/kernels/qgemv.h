@@ -9,11 +9,12 @@
 
 enum { KIND_Q8 = 0, KIND_Q4_0 = 1, KIND_Q4_1 = 2, KIND_F32 = 3 };
 
-/* A weight matrix (rows, k). Quantized kinds: see the layouts in qgemv.c; KIND_F32: qs is float (rows, k). */
+/* A weight matrix (rows, k). Quantized kinds: see the layouts in qgemv.c (scales d and offsets m are
+ * float16 bits, as in GGUF); KIND_F32: qs is float (rows, k). */
 typedef struct {
     int64_t kind;
     const void *qs;
-    const float *d, *m;
+    const uint16_t *d, *m;
     int64_t rows, k;
 } qmat;
 
@@ -56,6 +57,17 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
     float s = hsum8(acc);
     for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* sum a[i] b[i] with a in float16: 8 lanes, then the tail in order. */
+static inline float dot_f16_f32(const uint16_t *a, const float *b, int64_t n) {
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i))), _mm256_loadu_ps(b + i), acc);
+    float s = hsum8(acc);
+    for (; i < n; i++) s += _cvtsh_ss(a[i]) * b[i];
     return s;
 }
 
