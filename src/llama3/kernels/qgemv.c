@@ -339,9 +339,13 @@ void attention_ws(const float *q, const float *k, const float *v, int64_t B, int
                   int64_t S, int64_t row_stride, const int64_t *kv_row, const int64_t *lens, float scale,
                   float *part, int64_t max_chunks, float *out) {
     const int64_t rep = H / KVH, stride = D + 2;
+    /* items ordered (row, KV head, chunk, query head of the group): the rep queries that share a KV head
+     * read each chunk of keys and values one after another, while it is in the core's cache */
     #pragma omp for schedule(static)
-    for (int64_t i = 0; i < B * H * max_chunks; i++) {
-        const int64_t bh = i / max_chunks, c = i % max_chunks, b = bh / H, h = bh % H, j0 = c * ATT_CHUNK;
+    for (int64_t it = 0; it < B * H * max_chunks; it++) {
+        const int64_t r = it % rep, c = (it / rep) % max_chunks, g = (it / rep / max_chunks) % KVH;
+        const int64_t b = it / (rep * max_chunks * KVH), h = g * rep + r, bh = b * H + h, j0 = c * ATT_CHUNK;
+        const int64_t i = bh * max_chunks + c; /* where this (query, chunk) keeps its partial result */
         if (j0 >= lens[b]) continue;
         const int64_t n = lens[b] - j0 < ATT_CHUNK ? lens[b] - j0 : ATT_CHUNK;
         const int64_t at = (kv_row ? kv_row[b] : b) * row_stride + ((h / rep) * S + j0) * D;
