@@ -261,19 +261,31 @@ def test_api_key_and_queue_full():
         assert httpx.get(s.base + "/v1/models", headers=auth).status_code == 200
 
         async def flood():
+            """The first request streams (so it holds the only slot), the second waits in the queue of one,
+            the third is turned away. No sleeps that a faster decoder could outrun."""
             async with httpx.AsyncClient(timeout=120, headers=auth) as c:
-                body = {"prompt": "Count to a hundred:", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
-                first = asyncio.create_task(c.post(s.base + "/v1/completions", json=body))
-                await asyncio.sleep(0.5)  # the first holds the only slot
-                second = asyncio.create_task(c.post(s.base + "/v1/completions", json=body))
-                await asyncio.sleep(0.3)  # the second waits in the queue of one
-                third = await c.post(s.base + "/v1/completions", json=body)
-                return third, await first, await second
+                body = {"prompt": "Count to a hundred:", "max_tokens": 480, "temperature": 0, "ignore_eos": True}
+                async with c.stream("POST", s.base + "/v1/completions", json={**body, "stream": True}) as first:
+                    lines = first.aiter_lines()
+                    async for line in lines:
+                        if line.startswith("data: "):
+                            break
+                    second = asyncio.create_task(c.post(s.base + "/v1/completions", json={**body, "max_tokens": 4}))
+                    deadline = time.time() + 30
+                    while time.time() < deadline:
+                        metrics = (await c.get(s.base + "/metrics")).text
+                        if re.search(r"^llama3_queue_depth 1$", metrics, re.M):
+                            break
+                        await asyncio.sleep(0.01)
+                    third = await c.post(s.base + "/v1/completions", json=body)
+                    rest = [line async for line in lines]
+                return third, first, rest, await second
 
-        third, first, second = asyncio.run(flood())
+        third, first, rest, second = asyncio.run(flood())
+        assert first.status_code == 200 and "data: [DONE]" in rest
         error_of(third, 429, "rate_limit_error")
         assert third.headers["retry-after"] == "1"
-        assert first.status_code == 200 and second.status_code == 200
+        assert second.status_code == 200
     finally:
         s.stop()
 
