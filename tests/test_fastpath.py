@@ -157,6 +157,32 @@ def test_generator_uses_the_fast_step_where_it_can(smollm2, smollm2_fast):
     assert fast.token_ids[:2] == slow.token_ids[:2]  # (later tokens may part ways on near-ties)
 
 
+def test_forward_decoder_takes_any_cache_rows(smollm2_fast):
+    """Without the fast step (as the server runs a float model), ``Generator.decoder`` decodes listed rows of a
+    shared cache through forward; each equals the same sequence decoded alone."""
+    llm = smollm2_fast
+    gen = llm.generator
+    gen.fast_decode = False
+    try:
+        decode = gen.decoder()
+    finally:
+        gen.fast_decode = True
+    assert not isinstance(decode, FastDecoder)
+    prompts = [llm.encode_prompt(p) for p in ("The capital of France is", "1, 2, 3, 4,")]
+    rows = [2, 0]
+    shared = KVCache(llm.args, max_batch_size=3, max_seq_len=32)
+    singles = [KVCache(llm.args, max_batch_size=1, max_seq_len=32) for _ in prompts]
+    with torch.no_grad():
+        for p, r, single in zip(prompts, rows, singles):
+            llm.model(torch.tensor([p]), start_pos=0, cache=shared.rows(r, r + 1))
+            llm.model(torch.tensor([p]), start_pos=0, cache=single)
+    tokens, positions = [p[-1] for p in prompts], [len(p) for p in prompts]
+    together = decode(tokens, positions, shared, rows=rows)
+    alone = torch.cat([decode([t], [pos], c) for t, pos, c in zip(tokens, positions, singles)])
+    assert together.shape == (2, llm.args.vocab_size)
+    assert torch.equal(together, alone)  # forward's batched decode is batch-invariant too
+
+
 def test_traced_models_take_forward():
     from llama3.explain import Trace
 

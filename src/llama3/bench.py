@@ -65,7 +65,6 @@ class OursEngine:
         from llama3.fastpath import tuned_threads
         from llama3.sampling import SamplingParams
 
-
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
         t0 = time.perf_counter()
         first = None

@@ -171,7 +171,6 @@ class FastDecoder:
         self._lib = lib
         self._tuners = _TUNERS.setdefault(model, {})
         self.args = args
-        self.max_seq_len = args.max_seq_len
 
     @classmethod
     def for_model(cls, model: Transformer, float_weights: bool = False) -> "FastDecoder | None":
@@ -205,7 +204,7 @@ class FastDecoder:
         for t, p, r in zip(tokens, positions, row_ids):
             if not 0 <= t < self.args.vocab_size:
                 raise ValueError(f"token id {t} is outside the vocabulary [0, {self.args.vocab_size})")
-            if not 0 <= p < min(seq, self.max_seq_len):
+            if not 0 <= p < min(seq, self.args.max_seq_len):
                 raise ValueError(f"position {p} is outside the cache's {seq} positions")
             if not 0 <= r < n_cache_rows:
                 raise ValueError(f"cache row {r} does not exist (the cache has {n_cache_rows})")

@@ -198,17 +198,22 @@ class Generator:
         """The decode step: ``decode(tokens, positions, cache, rows=None)`` -> logits (batch, vocab) on the CPU,
         for one new token per sequence at its position in its cache row (default row b). It is
         ``llama3.fastpath.FastDecoder`` (the whole step in one C call) where the model qualifies and
-        ``fast_decode`` is on, else ``Transformer.forward``. Built afresh by each ``run``, so changes to the
-        model between runs are always seen."""
+        ``fast_decode`` is on, else ``Transformer.forward``, which decodes cache rows 0..max(rows): a row in
+        that range that is not listed is fed token 0 at position 0 (its first cache entry is overwritten), so
+        list every row in use. Built afresh by each ``run``, so changes to the model between runs are seen."""
         fast = FastDecoder.for_model(self.model) if self.fast_decode else None
         if fast is not None:
             return fast
         model, device = self.model, self.device
 
+        @torch.inference_mode()
         def forward(tokens, positions, cache, rows=None):
-            if rows is not None:  # rows given: they must be 0..batch-1 for forward
-                if list(rows) != list(range(len(tokens))):
-                    raise ValueError("forward decodes cache rows 0..batch-1 only")
+            if rows is not None:
+                n = max(rows) + 1
+                all_tokens, all_positions = [0] * n, [0] * n
+                for r, t, p in zip(rows, tokens, positions):
+                    all_tokens[r], all_positions[r] = t, p
+                return forward(all_tokens, all_positions, cache)[list(rows)]
             t = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
             start = positions[0] if len(tokens) == 1 else torch.tensor(positions, device=device)
             return model(t, start_pos=start, cache=cache)[:, -1].float().cpu()

@@ -1,6 +1,7 @@
-"""Quantized matmul kernels: a small C library (AVX2 + FMA, OpenMP) built with the system's C
-compiler on first use and called through ctypes, and a pure-PyTorch fallback that computes the
-same numbers (bit for bit in the integer parts; float sums may differ in the last bits).
+"""Quantized matmul kernels and the one-call decode step (used by llama3.fastpath): a small C
+library (AVX2 + FMA, OpenMP) built with the system's C compiler on first use and called through
+ctypes, and, for the kernels, a pure-PyTorch fallback that computes the same numbers (bit for bit
+in the integer parts; float sums may differ in the last bits).
 
 ``LLAMA3_NO_KERNELS=1`` disables the C library (the fallback is then used everywhere).
 """

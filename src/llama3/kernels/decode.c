@@ -58,31 +58,6 @@ static void rmsnorm(const float *x, const float *w, int64_t n, double eps, float
     for (i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
 }
 
-static void embed_row(const qmat *E, int64_t token, float *out) {
-    const int64_t k = E->k, nb = k / QK;
-    if (E->kind == KIND_F32) {
-        memcpy(out, (const float *)E->qs + token * k, (size_t)k * sizeof(float));
-        return;
-    }
-    for (int64_t b = 0; b < nb; b++) {
-        const float d = _cvtsh_ss(E->d[token * nb + b]);
-        float *o = out + b * QK;
-        if (E->kind == KIND_Q8) {
-            const int8_t *q = (const int8_t *)E->qs + token * k + b * QK;
-            for (int j = 0; j < QK; j++) o[j] = (float)q[j] * d;
-        } else {
-            const uint8_t *q = (const uint8_t *)E->qs + token * (k / 2) + b * 16;
-            const int q41 = E->kind == KIND_Q4_1, off = q41 ? 0 : 8;
-            const float m = q41 ? _cvtsh_ss(E->m[token * nb + b]) : 0.0f;
-            for (int j = 0; j < 16; j++) {
-                o[j] = (float)((q[j] & 0x0F) - off) * d;
-                o[j + 16] = (float)((q[j] >> 4) - off) * d;
-                if (q41) o[j] += m, o[j + 16] += m;
-            }
-        }
-    }
-}
-
 /* Rotate each adjacent pair of a head: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); sin holds [-s, s]. */
 static void rope(float *x, const float *cos, const float *sin, int64_t D) {
     for (int64_t i = 0; i < D; i += 2) {
@@ -131,7 +106,7 @@ int decode_step(const model_w *M, const cache_w *C, int64_t B, const int64_t *to
     #pragma omp parallel num_threads((int)nthreads)
     {
         #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) embed_row(&M->embed, tokens[b], x + b * dim);
+        for (int64_t b = 0; b < B; b++) dequant_row(&M->embed, tokens[b], x + b * dim);
 
         for (int64_t l = 0; l < M->n_layers; l++) {
             const layer_w *L = &M->layers[l];

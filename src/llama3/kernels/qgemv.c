@@ -19,6 +19,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "qgemv.h"
 
@@ -195,33 +196,48 @@ void qlinear(int kind, const void *wq, const uint16_t *wd, const uint16_t *wm, i
 }
 
 /* ------------------------------------------------------------------------ dequantize */
-/* To float (rows, k), for the prefill GEMM path. */
-void dequant_q8(const int8_t *wq, const uint16_t *wd, int64_t rows, int64_t k, float *out) {
-    const int64_t nb = k / QK;
-    #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < rows * nb; i++) {
-        const __m256 d = _mm256_set1_ps(_cvtsh_ss(wd[i]));
-        for (int j = 0; j < 4; j++) {
-            __m128i b8 = _mm_loadl_epi64((const __m128i *)(wq + i * QK + 8 * j));
-            _mm256_storeu_ps(out + i * QK + 8 * j, _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8))));
+void dequant_row(const qmat *W, int64_t r, float *out) {
+    const int64_t k = W->k, nb = k / QK;
+    if (W->kind == KIND_F32) {
+        memcpy(out, (const float *)W->qs + r * k, (size_t)k * sizeof(float));
+        return;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        const float d = _cvtsh_ss(W->d[r * nb + b]);
+        float *o = out + b * QK;
+        if (W->kind == KIND_Q8) {
+            const int8_t *q = (const int8_t *)W->qs + r * k + b * QK;
+            for (int j = 0; j < 4; j++)
+                _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                              _mm_loadl_epi64((const __m128i *)(q + 8 * j)))),
+                                                          _mm256_set1_ps(d)));
+        } else { /* q4_0: (n - 8) * d; q4_1: n * d + m */
+            const uint8_t *q = (const uint8_t *)W->qs + r * (k / 2) + b * 16;
+            const int q41 = W->kind == KIND_Q4_1, off = q41 ? 0 : 8;
+            const float m = q41 ? _cvtsh_ss(W->m[r * nb + b]) : 0.0f;
+            for (int j = 0; j < 16; j++) {
+                o[j] = (float)((q[j] & 0x0F) - off) * d;
+                o[j + 16] = (float)((q[j] >> 4) - off) * d;
+                if (q41) o[j] += m, o[j + 16] += m;
+            }
         }
     }
 }
 
-void dequant_q4(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t rows, int64_t k, float *out) {
-    /* wm == 0: Q4_0 ((n - 8) * d); else Q4_1 (n * d + m) */
-    const int64_t nb = k / QK;
+/* To float (rows, k), for the prefill GEMM path. */
+static void dequant(const qmat *W, float *out) {
     #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < rows * nb; i++) {
-        const float d = _cvtsh_ss(wd[i]), m = wm ? _cvtsh_ss(wm[i]) : 0.0f;
-        const int off = wm ? 0 : 8;
-        const uint8_t *p = wq + i * 16;
-        float *o = out + i * QK;
-        for (int j = 0; j < 16; j++) {
-            o[j] = (float)((p[j] & 0x0F) - off) * d + m;
-            o[j + 16] = (float)((p[j] >> 4) - off) * d + m;
-        }
-    }
+    for (int64_t r = 0; r < W->rows; r++) dequant_row(W, r, out + r * W->k);
+}
+
+void dequant_q8(const int8_t *wq, const uint16_t *wd, int64_t rows, int64_t k, float *out) {
+    const qmat W = {KIND_Q8, wq, wd, NULL, rows, k};
+    dequant(&W, out);
+}
+
+void dequant_q4(const uint8_t *wq, const uint16_t *wd, const uint16_t *wm, int64_t rows, int64_t k, float *out) {
+    const qmat W = {wm ? KIND_Q4_1 : KIND_Q4_0, wq, wd, wm, rows, k};
+    dequant(&W, out);
 }
 
 /* ------------------------------------------------------------------------- attention */

@@ -30,6 +30,9 @@ typedef struct {
  * inside a parallel region the rows are split among the threads (then a barrier); outside, one thread. */
 void matmul_ws(const qmat *W, const acts *X, int64_t n, float *y, int64_t ldy, int add);
 
+/* Row r of W as k floats. */
+void dequant_row(const qmat *W, int64_t r, float *out);
+
 /* One row of k floats (k a multiple of 32) to int8 blocks. */
 void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s);
 

@@ -20,7 +20,6 @@ from typing import Callable
 import torch
 
 from ..generation import Llama, Step, _Sequence
-from ..fastpath import FastDecoder
 from ..model import KVCache
 from ..sampling import SamplingParams
 
@@ -105,8 +104,8 @@ class Scheduler:
         self.positions = [0] * max_batch
         self.cache = KVCache(llm.args, max_batch_size=max_batch, max_seq_len=self.ctx, dtype=llm.dtype,
                              device=llm.device)
-        # the whole decode step in one C call where the model qualifies (llama3.fastpath)
-        self.fast = FastDecoder.for_model(llm.model) if llm.generator.fast_decode else None
+        # only the busy slots, each at its own cache row; one C call per step where the model qualifies
+        self.decode = llm.generator.decoder()
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="llama3-scheduler", daemon=True)
@@ -210,19 +209,9 @@ class Scheduler:
         if not busy:
             return
         started = time.perf_counter()
-        if self.fast is not None:  # only the busy slots, each at its own cache row
-            out = self.fast([self.slots[i][1].last_token for i in busy], [self.positions[i] for i in busy],
-                            self.cache, rows=busy)
-            logits = {i: out[j] for j, i in enumerate(busy)}
-        else:  # forward decodes rows 0..n-1: free slots below the last busy one ride along at position 0
-            rows = max(busy) + 1
-            tokens = [self.slots[i][1].last_token if self.slots[i] is not None else 0 for i in range(rows)]
-            positions = [self.positions[i] if self.slots[i] is not None else 0 for i in range(rows)]
-            device = self.llm.device
-            with torch.inference_mode():
-                logits = self.llm.model(torch.tensor(tokens, device=device)[:, None],
-                                        start_pos=torch.tensor(positions, device=device),
-                                        cache=self.cache)[:, -1].float().cpu()
+        out = self.decode([self.slots[i][1].last_token for i in busy], [self.positions[i] for i in busy],
+                          self.cache, rows=busy)
+        logits = {i: out[j] for j, i in enumerate(busy)}
         elapsed = time.perf_counter() - started
         for i in busy:
             self.positions[i] += 1
