@@ -24,7 +24,8 @@ ARGS = ModelArgs(dim=1024, n_layers=16, n_heads=16, n_kv_heads=4, vocab_size=320
 
 CHILD = r"""
 import json, sys, torch, llama3
-from llama3.weights import load_checkpoint, build_model
+from llama3.loading import build_model
+from llama3.weights import load_checkpoint
 
 def hwm_mb():  # peak resident set (anonymous + file-backed pages) so far
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024

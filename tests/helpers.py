@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from llama3 import ModelArgs, Transformer
+from llama3 import Transformer
 from llama3.weights.hf import args_from_hf_config, hf_state_dict_to_meta
 
 TINY_VARIANTS = {

@@ -6,7 +6,6 @@ import os
 import struct
 import tracemalloc
 
-import numpy as np
 import pytest
 import torch
 

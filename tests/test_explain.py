@@ -1,7 +1,6 @@
 """explain, trace, logit lens and attention maps."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,6 @@ import torch
 
 from helpers import smollm2_path
 from llama3 import ModelArgs
-from llama3.config import PRESETS
 from llama3.explain import Trace, attention_maps, explain, logit_lens, save_attention_pngs
 from llama3.explain.glossary import checkpoint_param_counts, resolve
 

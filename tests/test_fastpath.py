@@ -13,7 +13,6 @@ computed by the same operations whatever the batch.
 import pytest
 import torch
 
-import llama3
 from helpers import TINY_VARIANTS, hf_model, ours_from_hf
 from llama3 import KVCache, kernels
 from llama3.fastpath import FastDecoder

@@ -1,6 +1,5 @@
 """Generation on the real SmolLM2: against transformers' greedy generate, and the API's contracts."""
 
-import os
 import subprocess
 import sys
 
@@ -8,7 +7,6 @@ import pytest
 import torch
 
 import llama3
-from llama3 import SamplingParams
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,"]
 GREEDY = dict(temperature=0)

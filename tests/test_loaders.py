@@ -7,7 +7,6 @@ between attention kernels is ~5e-5 on logits of magnitude ~20.
 """
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -15,9 +14,9 @@ import torch
 
 import llama3
 from helpers import hf_model, smollm2_path
-from llama3 import CheckpointError, SamplingParams
-from llama3.weights import build_model, detect_format, load_checkpoint
-from llama3.weights.hf import meta_to_hf_qk
+from llama3 import SamplingParams
+from llama3.loading import build_model
+from llama3.weights import detect_format, load_checkpoint
 from llama3.weights.meta import split_dim
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a land far away,",

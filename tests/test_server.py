@@ -2,7 +2,6 @@
 `openai` client (sync and async, streaming and not) and by httpx."""
 
 import asyncio
-import os
 import re
 import socket
 import subprocess

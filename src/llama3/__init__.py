@@ -1,7 +1,8 @@
 """llama3: Meta's Llama 3 in readable PyTorch."""
 
 from .config import ModelArgs
-from .generation import GenerationResult, Generator, Llama, Step, load
+from .generation import GenerationResult, Generator, Llama, Step
+from .loading import load
 from .model import KVCache, Transformer
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer, load_tokenizer

@@ -243,7 +243,7 @@ def format_table(report: dict) -> str:
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['threads']} threads",
              f"model: {os.path.basename(report['model'])}; prompt {report['prompt_tokens']} tokens, "
              f"{report['new_tokens']} new tokens, greedy, {report['repeats']} repeats (median [min-max])", "",
-             f"| engine | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB | ours / peer (prefill, decode) |",
+             "| engine | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB | ours / peer (prefill, decode) |",
              "|---|---|---|---|---|---|"]
     for name, r in report["results"].items():
         def cell(d, fmt="{:.1f}"):

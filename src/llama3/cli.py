@@ -71,7 +71,7 @@ def _sampling(ns) -> dict:
 
 
 def _load(ns):
-    from .generation import load
+    from .loading import load
 
     if ns.model is None:
         print("using the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",

@@ -7,15 +7,12 @@ finish_reason); ``generate`` collects them into a ``GenerationResult``.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
-from .chat import chat_format_for
 from .config import ModelArgs
 from .fastpath import FastDecoder
 from .model import KVCache, Transformer
@@ -340,73 +337,3 @@ class Llama:
     def __repr__(self) -> str:
         return f"Llama({self.path!r}, format={self.format!r}, params={self.args.num_params():,}, " \
                f"device={self.device}, dtype={self.dtype})"
-
-
-# ------------------------------------------------------------------------------- loading
-def resolve_device(device=None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """The fastest dtype for the device: float32 on CPUs without bf16 hardware (measured here:
-    bf16 matmul is ~40x slower than fp32 on these AVX2 EPYCs), bfloat16 on CUDA."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
-
-
-def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return None
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of float32, bfloat16, float16, auto")
-    return _DTYPES[dtype]
-
-
-def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", fuse: bool = True,
-         quiet: bool = False, max_context: int | None = None) -> Llama:
-    """Load a checkpoint (GGUF file, HF folder or Meta folder; None = the embedded SmolLM2-135M-Instruct).
-
-    ``quantize``: "auto" keeps a GGUF's Q8_0/Q4_0/Q4_1 blocks and runs them with the quantized CPU
-    kernels (when they are available; on CUDA everything is dequantized); "int8"/"int4" quantize
-    float weights on load; None dequantizes everything to ``dtype``: the exact float path that
-    every fast path is tested against. ``fuse`` joins wq/wk/wv and w1/w3 into single matrices.
-    """
-    from . import kernels
-    from .quantize import SCHEMES, fuse as fuse_model, quantize_model
-    from .tokenizer import load_tokenizer, tokenizer_from_gguf
-    from .weights import build_model, load_checkpoint
-
-    device = resolve_device(device)
-    dtype = parse_dtype(dtype) or default_dtype(device)
-    if quantize not in (None, "none", "auto", *SCHEMES):
-        raise ValueError(f"unknown quantize {quantize!r}; expected auto, int8, int4 or none")
-    quantize = None if quantize == "none" else quantize
-    on_cpu_kernels = device.type == "cpu" and kernels.library() is not None
-    keep = quantize == "auto" and on_cpu_kernels  # int8/int4 requantize from float, whatever the file holds
-    if quantize in SCHEMES and device.type != "cpu":
-        raise ValueError(f"quantize={quantize!r} runs on the CPU kernels; use device='cpu' or quantize=None")
-    ckpt = load_checkpoint(path, dtype=dtype, quiet=quiet, keep_quantized=keep)
-    model = build_model(ckpt.args, ckpt.state, device=device, path=ckpt.path)
-    del ckpt.state
-    if quantize in SCHEMES:
-        quantize_model(model, quantize)
-    if fuse:
-        fuse_model(model)
-    template, source = None, str(ckpt.path)
-    if ckpt.format == "gguf":
-        tokenizer = tokenizer_from_gguf(ckpt.gguf_metadata, str(ckpt.path))
-        template = ckpt.gguf_metadata.get("tokenizer.chat_template")
-    else:
-        folder = Path(ckpt.path)
-        tokenizer = load_tokenizer(folder)
-        template = getattr(tokenizer, "chat_template", None)
-        source = str(folder / "tokenizer_config.json")
-    chat = chat_format_for(tokenizer, template if isinstance(template, str) else None, source)
-    return Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context)

@@ -12,7 +12,7 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
 
     import uvicorn
 
-    from ..generation import load
+    from ..loading import load
 
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

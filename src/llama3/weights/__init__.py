@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelArgs
-from .common import CheckpointError, check_state_dict, expected_shapes
+from .common import CheckpointError, expected_shapes
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -106,31 +106,4 @@ def load_checkpoint(path=None, dtype: torch.dtype = torch.float32, quiet: bool =
         return Checkpoint(target, fmt, args, state)
 
 
-def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device=None, path="<state dict>"):
-    """A Transformer holding ``state``'s tensors, built on the meta device (no double allocation)."""
-    from ..model import Transformer
-
-    from ..quantize import QuantTensor, swap_in
-
-    check_state_dict(path, args, state)
-    model = Transformer(args, device="meta")
-    quantized = {k: v for k, v in state.items() if isinstance(v, QuantTensor)}
-    for name, qt in quantized.items():
-        swap_in(model, name, qt, dtype=state["norm.weight"].dtype)
-    state = {k: v for k, v in state.items() if k not in quantized}
-    if quantized and args.tie_word_embeddings:
-        state.pop("output.weight", None)
-    if device is not None:
-        state = {k: v.to(device) for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if m.rsplit(".", 1)[-1] not in ("qs", "d", "m")]  # buffers set by swap_in
-    allowed_missing = {"output.weight"} if args.tie_word_embeddings else set()
-    if unexpected or set(missing) - allowed_missing:
-        raise CheckpointError(path, f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    model.reset_rope(model.norm.weight.device)
-    return model.eval().requires_grad_(False)
-
-
-__all__ = ["CheckpointError", "Checkpoint", "load_checkpoint", "detect_format", "build_model",
-           "default_model_path", "expected_shapes"]
+__all__ = ["CheckpointError", "Checkpoint", "load_checkpoint", "detect_format", "default_model_path", "expected_shapes"]

@@ -1,0 +1,112 @@
+"""Loading: one ``load(path)`` for every checkpoint format, the device and dtype choice, and building
+the model from what ``weights/`` returns (``ModelArgs`` and Meta-named tensors).
+
+``weights/`` only reads files; this module turns their tensors into a ``Transformer`` (built on the
+meta device, tensors assigned, nothing copied twice), applies the load-time transforms (quantization),
+and attaches the tokenizer and chat format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .chat import chat_format_for
+from .config import ModelArgs
+from .generation import Llama
+from .weights.common import CheckpointError, check_state_dict
+
+
+def resolve_device(device=None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The fastest dtype for the device: float32 on CPUs without bf16 hardware (measured here:
+    bf16 matmul is ~40x slower than fp32 on these AVX2 EPYCs), bfloat16 on CUDA."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return None
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of float32, bfloat16, float16, auto")
+    return _DTYPES[dtype]
+
+
+def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", fuse: bool = True,
+         quiet: bool = False, max_context: int | None = None) -> Llama:
+    """Load a checkpoint (GGUF file, HF folder or Meta folder; None = the embedded SmolLM2-135M-Instruct).
+
+    ``quantize``: "auto" keeps a GGUF's Q8_0/Q4_0/Q4_1 blocks and runs them with the quantized CPU
+    kernels (when they are available; on CUDA everything is dequantized); "int8"/"int4" quantize
+    float weights on load; None dequantizes everything to ``dtype``: the exact float path that
+    every fast path is tested against. ``fuse`` joins wq/wk/wv and w1/w3 into single matrices.
+    """
+    from . import kernels
+    from .quantize import SCHEMES, fuse as fuse_model, quantize_model
+    from .tokenizer import load_tokenizer, tokenizer_from_gguf
+    from .weights import load_checkpoint
+
+    device = resolve_device(device)
+    dtype = parse_dtype(dtype) or default_dtype(device)
+    if quantize not in (None, "none", "auto", *SCHEMES):
+        raise ValueError(f"unknown quantize {quantize!r}; expected auto, int8, int4 or none")
+    quantize = None if quantize == "none" else quantize
+    on_cpu_kernels = device.type == "cpu" and kernels.library() is not None
+    keep = quantize == "auto" and on_cpu_kernels  # int8/int4 requantize from float, whatever the file holds
+    if quantize in SCHEMES and device.type != "cpu":
+        raise ValueError(f"quantize={quantize!r} runs on the CPU kernels; use device='cpu' or quantize=None")
+    ckpt = load_checkpoint(path, dtype=dtype, quiet=quiet, keep_quantized=keep)
+    model = build_model(ckpt.args, ckpt.state, device=device, path=ckpt.path)
+    del ckpt.state
+    if quantize in SCHEMES:
+        quantize_model(model, quantize)
+    if fuse:
+        fuse_model(model)
+    template, source = None, str(ckpt.path)
+    if ckpt.format == "gguf":
+        tokenizer = tokenizer_from_gguf(ckpt.gguf_metadata, str(ckpt.path))
+        template = ckpt.gguf_metadata.get("tokenizer.chat_template")
+    else:
+        folder = Path(ckpt.path)
+        tokenizer = load_tokenizer(folder)
+        template = getattr(tokenizer, "chat_template", None)
+        source = str(folder / "tokenizer_config.json")
+    chat = chat_format_for(tokenizer, template if isinstance(template, str) else None, source)
+    return Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context)
+
+
+def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device=None, path="<state dict>"):
+    """A Transformer holding ``state``'s tensors, built on the meta device (no double allocation)."""
+    from .model import Transformer
+    from .quantize import QuantTensor, swap_in
+
+    check_state_dict(path, args, state)
+    model = Transformer(args, device="meta")
+    quantized = {k: v for k, v in state.items() if isinstance(v, QuantTensor)}
+    for name, qt in quantized.items():
+        swap_in(model, name, qt, dtype=state["norm.weight"].dtype)
+    state = {k: v for k, v in state.items() if k not in quantized}
+    if quantized and args.tie_word_embeddings:
+        state.pop("output.weight", None)
+    if device is not None:
+        state = {k: v.to(device) for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if m.rsplit(".", 1)[-1] not in ("qs", "d", "m")]  # buffers set by swap_in
+    allowed_missing = {"output.weight"} if args.tie_word_embeddings else set()
+    if unexpected or set(missing) - allowed_missing:
+        raise CheckpointError(path, f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model.reset_rope(model.norm.weight.device)
+    return model.eval().requires_grad_(False)
