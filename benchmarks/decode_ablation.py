@@ -3,13 +3,13 @@
 
     .venv/bin/python benchmarks/decode_ablation.py [--model M] [--steps 64] [--threads N]
 
-Rows, from the plain reference to the default:
-  forward, float32, separate wq/wk/wv and w1/w3    the exact reference path (quantize=None, fuse=False)
-  forward, float32, fused qkv / w13                 one matmul instead of three and two
-  forward, quantized blocks, per-op C kernels        the GGUF's blocks in C matmuls; PyTorch does the rest
-  forward, quantized, PyTorch fallback kernels       the same without the C library (LLAMA3_NO_KERNELS path)
-  fast step, 1 thread / N threads                    the whole step in one C call (llama3.fastpath)
-and the fast step's cost at other context positions (attention reads the whole cache).
+Rows, from the plain reference to the default, each a decoder of llama3.engine over the paged cache:
+  TorchDecoder, float32 weights                     the exact reference path (quantize=None)
+  TorchDecoder, quantized blocks, per-op C kernels   the GGUF's blocks in C matmuls; PyTorch does the rest
+  TorchDecoder, quantized, PyTorch fallback kernels  the same without the C library (LLAMA3_NO_KERNELS path)
+  CDecoder, 1 thread / N threads                     the whole step in one C call
+and the C step's cost at other context positions, with a float16 and a float32 cache (attention reads
+the whole cache, so its bytes matter more as the context grows).
 """
 
 import argparse
@@ -22,32 +22,30 @@ import torch
 
 import llama3
 from llama3 import kernels
-from llama3.fastpath import FastDecoder
-from llama3.model import KVCache
+from llama3.engine import PagedKVCache, TorchDecoder
+from llama3.engine.cdecoder import CDecoder
 
 
-def time_steps(step, steps: int, start: int) -> float:
+def time_steps(decoder, sid, steps: int, start: int, threads: int | None = None) -> float:
     """Median ms per step over ``steps`` decode steps at positions start, start+1, ..."""
+    if threads is not None:
+        decoder.tuners[False].best = threads
     times = []
     for i in range(steps):
         t = time.perf_counter()
-        step(start + i)
+        decoder.step([42], [start + i], [sid])
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1e3
 
 
-def forward_step(llm, cache):
-    model = llm.model
-
-    def step(pos):
-        with torch.inference_mode():
-            model(torch.tensor([[42]]), start_pos=pos, cache=cache)
-    return step
-
-
-def prefill(llm, cache, n=256):
-    with torch.inference_mode():
-        llm.model(torch.arange(100, 100 + n)[None], start_pos=0, cache=cache, last_only=True)
+def prepared(decoder_cls, llm, kv_dtype, n=256, length=2048 + 128):
+    """A decoder over a fresh cache holding one sequence prefilled with n tokens, room for ``length``."""
+    cache = PagedKVCache(llm.args, length, dtype=kv_dtype, prefix_caching=False)
+    decoder = decoder_cls(llm.model, cache)
+    sid, _ = cache.open([0])
+    cache.reserve(sid, length)
+    decoder.prefill(list(range(100, 100 + n)), sid, 0)
+    return decoder, sid
 
 
 def main():
@@ -63,40 +61,36 @@ def main():
                platform.processor())
     print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {threads} threads; "
           f"median ms per decode step after a 256-token prefill, {a.steps} steps\n")
-    rows = []
 
     def add(name, ms):
-        rows.append((name, ms))
         print(f"| {name} | {ms:.2f} | {1000 / ms:.1f} |", flush=True)
 
     print("| path | ms / step | tokens/s |\n|---|---|---|")
-    for fuse, name in ((False, "forward, float32, separate wq/wk/wv and w1/w3"), (True, "forward, float32, fused qkv / w13")):
-        llm = llama3.load(a.model, quantize=None, fuse=fuse, quiet=True)
-        cache = KVCache(llm.args, 1, 512)
-        prefill(llm, cache)
-        add(name, time_steps(forward_step(llm, cache), a.steps, 256))
-        del llm, cache
+    exact = llama3.load(a.model, quantize=None, quiet=True)
+    add("TorchDecoder, float32 weights, float32 cache", time_steps(*prepared(TorchDecoder, exact, torch.float32),
+                                                                   a.steps, 256))
+    del exact
     llm = llama3.load(a.model, quiet=True)
-    cache = KVCache(llm.args, 1, 512 + 1024)
-    prefill(llm, cache)
-    add("forward, quantized blocks, per-op C kernels", time_steps(forward_step(llm, cache), a.steps, 256))
+    d, sid = prepared(TorchDecoder, llm, torch.float16)
+    add("TorchDecoder, quantized blocks, per-op C kernels", time_steps(d, sid, a.steps, 256))
     saved = kernels._lib
     kernels._lib = None  # the PyTorch fallback for every kernel, as without a compiler
     try:
-        add("forward, quantized blocks, PyTorch fallback kernels",
-            time_steps(forward_step(llm, cache), max(4, a.steps // 8), 256))
+        add("TorchDecoder, quantized blocks, PyTorch fallback kernels", time_steps(d, sid, max(4, a.steps // 8), 256))
     finally:
         kernels._lib = saved
-    fast = FastDecoder.for_model(llm.model)
-    if fast is None:
-        print(f"\nfast step unavailable: {FastDecoder.why_not(llm.model)}")
+    why = CDecoder.why_not(llm.model)
+    if why is not None:
+        print(f"\nthe C step is unavailable: {why}")
         return
-    for n in sorted({1, threads}):
-        add(f"fast step (one C call), {n} thread{'s' if n > 1 else ''}",
-            time_steps(lambda pos: fast([42], [pos], cache, threads=n), a.steps, 256))
-    for start in (0, 1024):
-        add(f"fast step, {threads} threads, at position {start}",
-            time_steps(lambda pos: fast([42], [pos], cache, threads=threads), a.steps, start))
+    for kv in (torch.float16, torch.float32):
+        d, sid = prepared(CDecoder, llm, kv)
+        name = str(kv).replace("torch.", "")
+        for n in sorted({1, threads}):
+            add(f"CDecoder, {name} cache, {n} thread{'s' if n > 1 else ''}", time_steps(d, sid, a.steps, 256, n))
+        for start in (0, 1024, 2048):
+            add(f"CDecoder, {name} cache, {threads} threads, at position {start}",
+                time_steps(d, sid, a.steps, start, threads))
 
 
 if __name__ == "__main__":

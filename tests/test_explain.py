@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from llama3.model import no_tap
+
 from helpers import smollm2_path
 from llama3 import ModelArgs
 from llama3.explain import Trace, attention_maps, explain, logit_lens, save_attention_pngs
@@ -104,14 +106,14 @@ def test_trace_logits_equal_forward(smollm2, prompt_tokens):
 
 def test_no_tap_remains_even_after_an_exception(smollm2):
     model = smollm2.model
-    with pytest.raises(ValueError):
+    with pytest.raises(IndexError):
         with Trace(model):
-            model(torch.tensor([[10 ** 9]]))  # out of vocabulary
+            model(torch.tensor([[10 ** 9]]))  # out of vocabulary: the embedding lookup raises mid-forward
     modules = [model, *model.layers] + [b.attention for b in model.layers] + [b.feed_forward for b in model.layers]
-    assert all(m.tap is None for m in modules)
+    assert all(m.tap is no_tap for m in modules)
     with Trace(model, layers=[1]):
         pass
-    assert all(m.tap is None for m in modules)
+    assert all(m.tap is no_tap for m in modules)
 
 
 def test_lens_last_layer_equals_model_prediction(smollm2, prompt_tokens):

@@ -130,34 +130,38 @@ def test_meta_state_dict_loads_with_load_state_dict():
             "layers.0.attention_norm.weight", "layers.0.ffn_norm.weight", "norm.weight", "output.weight"} <= names
 
 
-class TestBadInput:
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=16)
-    model = Transformer(args)
+@pytest.fixture(scope="module")
+def engine():
+    from llama3.engine import Engine
+    from llama3.tokenizer import Tokenizer
 
-    def check(self, message, *a, **kw):
+    class Bytes(Tokenizer):  # a minimal tokenizer: ids are byte values
+        path, bos_id, eos_id, add_bos, special_tokens, stop_ids = "bytes", None, None, False, {}, set()
+        _token_bytes = [bytes([i]) for i in range(50)]
+
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=50, max_seq_len=16)
+    return Engine(Transformer(args), Bytes(), decoder="torch")
+
+
+class TestBadInput:
+    """The model runs unchecked (no validation on the hot path); every prompt is checked once, where it
+    enters the engine, with an error that names the numbers."""
+
+    def check(self, engine, message, prompt):
         with pytest.raises(ValueError) as e:
-            self.model(*a, **kw)
+            engine.check_prompt(prompt)
         assert message in str(e.value)
 
-    def test_too_many_tokens_for_context(self):
-        self.check("17 positions exceed the model's context of 16", torch.zeros(1, 17, dtype=torch.long))
-        self.check("20 positions exceed the model's context of 16 (start_pos 10 + 10 tokens)",
-                   torch.zeros(1, 10, dtype=torch.long), start_pos=10)
+    def test_prompt_longer_than_the_context(self, engine):
+        self.check(engine, "the prompt has 16 tokens, but the context holds 16", [1] * 16)
 
-    def test_cache_limits(self):
-        cache = KVCache(self.args, max_batch_size=2, max_seq_len=8)
-        self.check("batch of 3 exceeds the cache's 2 rows", torch.zeros(3, 1, dtype=torch.long), cache=cache)
-        self.check("9 positions exceed the cache's 8", torch.zeros(1, 9, dtype=torch.long), cache=cache)
+    def test_ids_outside_vocab(self, engine):
+        self.check(engine, "token id 50 is outside the vocabulary [0, 50)", [1, 50])
+        self.check(engine, "token id -1 is outside the vocabulary [0, 50)", [-1, 2])
+        self.check(engine, "token id 1.0 is outside the vocabulary", [1.0])
 
-    def test_non_integer_tokens(self):
-        self.check("tokens must be integer token ids, got dtype torch.float32", torch.zeros(1, 3))
-
-    def test_ids_outside_vocab(self):
-        self.check("token id 50 is outside the vocabulary [0, 50)", torch.tensor([[1, 50]]))
-        self.check("token id -1 is outside the vocabulary [0, 50)", torch.tensor([[-1, 2]]))
-
-    def test_shape(self):
-        self.check("tokens must have shape (batch, seq)", torch.zeros(3, dtype=torch.long))
+    def test_empty(self, engine):
+        self.check(engine, "the prompt is empty", [])
 
 
 def test_last_only_equals_the_last_row():

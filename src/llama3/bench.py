@@ -55,28 +55,31 @@ class OursEngine:
         import torch
 
         import llama3
-        from llama3.quantize import describe
+        from llama3.generation import Generator
 
         torch.set_num_threads(threads)
         self.llm = llama3.load(model, dtype=dtype, quantize=quantize, quiet=True, device="cpu")
-        self.path = describe(self.llm.model)
+        # no prefix reuse: every repeat prefills the whole prompt, as the peers do
+        self.generator = Generator(self.llm.model, self.llm.tokenizer, max_batch=1, prefix_caching=False)
+
+    @property
+    def path(self) -> str:
+        from llama3.quantize import describe
+
+        return f"{describe(self.llm.model)}; {self.generator.engine.decoder.describe()}"
 
     def run(self, ids, new_tokens):
-        from llama3.fastpath import tuned_threads
         from llama3.sampling import SamplingParams
 
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
         t0 = time.perf_counter()
         first = None
         out = []
-        for step in self.llm.generator.run([ids], params, stop_ids=set()):
+        for step in self.generator.run([ids], params, stop_ids=set()):
             if first is None:
                 first = time.perf_counter()
             out.append(step.token_id)
         end = time.perf_counter()
-        chosen = tuned_threads(self.llm.model)
-        if chosen is not None and "decode threads" not in self.path:
-            self.path += f", {chosen} decode threads (measured)"
         return t0, first, end, out
 
 

@@ -28,6 +28,8 @@ in the session: /reset clears the history, /history shows it, /system TEXT sets 
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="say how the model runs (weights, kernels, decoder, KV cache) before starting")
     p.add_argument("--model", "-m", default=None, metavar="PATH",
                    help="a .gguf file, a Hugging Face folder or a Meta folder (default: the embedded "
                         "SmolLM2-135M-Instruct)")
@@ -76,7 +78,10 @@ def _load(ns):
     if ns.model is None:
         print("using the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",
               file=sys.stderr)
-    return load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx)
+    llm = load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx)
+    if getattr(ns, "verbose", False):
+        print(f"runs as: {llm.describe()}", file=sys.stderr)
+    return llm
 
 
 # ------------------------------------------------------------------------------ generate

@@ -51,10 +51,11 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
     ``quantize``: "auto" keeps a GGUF's Q8_0/Q4_0/Q4_1 blocks and runs them with the quantized CPU
     kernels (when they are available; on CUDA everything is dequantized); "int8"/"int4" quantize
     float weights on load; None dequantizes everything to ``dtype``: the exact float path that
-    every fast path is tested against. ``fuse`` joins wq/wk/wv and w1/w3 into single matrices.
+    every fast path is tested against. ``fuse`` is accepted for compatibility and changes nothing: the
+    weights keep Meta's layout and the C decode step runs wq/wk/wv (and w1/w3) in one pass itself.
     """
     from . import kernels
-    from .quantize import SCHEMES, fuse as fuse_model, quantize_model
+    from .quantize import SCHEMES, quantize_model
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights import load_checkpoint
 
@@ -72,8 +73,6 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
     del ckpt.state
     if quantize in SCHEMES:
         quantize_model(model, quantize)
-    if fuse:
-        fuse_model(model)
     template, source = None, str(ckpt.path)
     if ckpt.format == "gguf":
         tokenizer = tokenizer_from_gguf(ckpt.gguf_metadata, str(ckpt.path))

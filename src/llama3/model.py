@@ -10,24 +10,26 @@ Parameter names are Meta's, so a Meta state dict loads with ``load_state_dict``.
 Rotary embeddings use Meta's layout: adjacent pairs (2i, 2i+1) of each head rotate
 together. (Hugging Face checkpoints rotate halves instead; their loader converts.)
 
-The KV cache is a separate module owned by the caller (``KVCache``); the model itself
-holds no request state.
+The model holds no request state: a key/value cache is passed in by the caller. ``KVCache`` below
+is the plain one (one row per sequence); ``llama3.engine`` has a paged one with the same two
+methods. Every named stage passes through ``self.tap(name, tensor)``, which returns the tensor
+unchanged unless ``llama3.explain.Trace`` is recording.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
 from .config import ModelArgs
 
-# A tap receives (name, tensor) for every named intermediate; see llama3.explain.trace.
-Tap = Callable[[str, torch.Tensor], None]
+
+def no_tap(name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The default tap: nothing recorded, the tensor passes through."""
+    return tensor
 
 
 class RMSNorm(nn.Module):
@@ -73,13 +75,13 @@ def rope_scaling_divisors(args: ModelArgs, freqs: torch.Tensor) -> torch.Tensor:
     return 1.0 / ((1 - smooth) / factor + smooth)
 
 
-def rope_tables(args: ModelArgs, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position, cos and ±sin of each pair's angle laid out like the pairs themselves:
-    cos = [c0, c0, c1, c1, ...], sin = [-s0, s0, -s1, s1, ...]; each (max_seq_len, head_dim), float32."""
-    freqs = rope_frequencies(args).to(device)
-    angles = torch.outer(torch.arange(args.max_seq_len, device=device, dtype=torch.float32), freqs)
+def rope_angles(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and ±sin of each pair's angle (position × frequency) laid out like the pairs themselves:
+    cos = [c0, c0, c1, c1, ...], sin = [-s0, s0, -s1, s1, ...]; positions (batch or 1, seq) give
+    (batch or 1, seq, 1, head_dim) in float32. Computed per call, so no table bounds the context."""
+    angles = positions[..., None].float() * freqs  # (batch or 1, seq, head_dim/2)
     cos, sin = torch.cos(angles), torch.sin(angles)
-    return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return cos.repeat_interleave(2, dim=-1)[:, :, None], torch.stack((-sin, sin), dim=-1).flatten(-2)[:, :, None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -88,8 +90,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         (x0, x1) -> (x0·cos - x1·sin, x1·cos + x0·sin)
 
     the real-valued form of Meta's complex multiplication (x0 + i·x1)·(cos + i·sin), written as
-    x·cos + swap(x)·sin with the tables from ``rope_tables`` (swap exchanges the two of each pair).
-    x: (batch, seq, heads, head_dim); cos, sin: (batch or 1, seq, 1, head_dim).
+    x·cos + swap(x)·sin with the layout of ``rope_angles`` (swap exchanges the two of each pair).
+    x: (batch, seq, heads, head_dim).
     """
     xf = x.float()
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0, x3, x2, ...)
@@ -100,9 +102,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Static key/value buffers for every layer: (n_layers, batch, n_kv_heads, seq, head_dim).
 
-    Row b of the cache holds the sequence in row b of the batch; position p of a row holds
-    the keys and values of that sequence's token p. The caller allocates it and passes it
-    to ``Transformer.forward``; ``start_pos`` says where the new tokens go.
+    Row b holds the sequence in row b of the batch, position p its token p. A cache has two methods,
+    which ``Transformer.forward`` calls: ``prepare(positions)`` once per call (where the new keys go;
+    returns the attention mask) and ``update(layer, k, v)`` in every layer (store, return all keys).
     """
 
     def __init__(self, args: ModelArgs, max_batch_size: int | None = None, max_seq_len: int | None = None,
@@ -114,29 +116,27 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def rows(self, start: int, stop: int) -> "KVCache":
-        """A view of rows [start, stop) that shares this cache's memory (for per-row prefill)."""
-        view = KVCache.__new__(KVCache)
-        nn.Module.__init__(view)
-        view.max_batch_size, view.max_seq_len = stop - start, self.max_seq_len
-        view.register_buffer("k", self.k[:, start:stop], persistent=False)
-        view.register_buffer("v", self.v[:, start:stop], persistent=False)
-        return view
+    def prepare(self, positions: torch.Tensor) -> torch.Tensor | None:
+        """Which keys each query sees: the one at position p sees positions <= p of its row (so stale
+        entries past a row's length stay hidden). None when that is every key (a single new token at
+        the end of a single row) or plain causal attention (a single row filled from position 0)."""
+        self.positions = positions
+        self.kv_len = int(positions.max()) + 1  # one host read per forward, not per layer
+        batch, seq = positions.shape
+        if batch == 1 and int(positions[0, 0]) in (0, self.kv_len - 1):
+            return None
+        keys = torch.arange(self.kv_len, device=positions.device)
+        return keys[None, None, None, :] <= positions[:, None, :, None]  # (batch or 1, 1, seq, kv_len)
 
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Write k, v (batch, seq, n_kv_heads, head_dim) at positions (batch or 1, seq);
-        return this layer's keys and values for positions < kv_len, (batch, n_kv_heads, kv_len, head_dim)."""
-        batch, seq = k.shape[:2]
-        kc, vc = self.k[layer], self.v[layer]
-        if positions.shape[0] == 1:  # every row at the same positions: a plain slice
-            start = int(positions[0, 0])
-            kc[:batch, :, start:start + seq] = k.transpose(1, 2)
-            vc[:batch, :, start:start + seq] = v.transpose(1, 2)
-        else:  # each row at its own positions
-            rows = torch.arange(batch, device=k.device)[:, None]
-            kc[rows, :, positions] = k.to(kc.dtype)  # indexes (batch, seq) -> (batch, seq, heads, head_dim)
-            vc[rows, :, positions] = v.to(vc.dtype)
-        return kc[:batch, :, :kv_len], vc[:batch, :, :kv_len]
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (batch, n_kv_heads, seq, head_dim) at the prepared positions; return the layer's
+        keys and values up to the longest row, (batch, n_kv_heads, kv_len, head_dim)."""
+        batch = k.shape[0]
+        rows = torch.arange(batch, device=k.device)[:, None]
+        pos = self.positions.expand(batch, -1)  # (batch, seq)
+        self.k[layer][rows, :, pos] = k.transpose(1, 2).to(self.k.dtype)  # indexed as (batch, seq, heads, hd)
+        self.v[layer][rows, :, pos] = v.transpose(1, 2).to(self.v.dtype)
+        return self.k[layer, :batch, :, :self.kv_len], self.v[layer, :batch, :, :self.kv_len]
 
 
 # ------------------------------------------------------------------------ attention
@@ -152,73 +152,27 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False, device=device)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False, device=device)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False, device=device)
-        self.wqkv: nn.Module | None = None  # wq, wk, wv in one matrix (set by llama3.quantize.fuse)
-        self.tap: Tap | None = None
+        self.tap = no_tap
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache | None, kv_len: int, mask: torch.Tensor | None,
-                row_lens: list[int] | None = None) -> torch.Tensor:
-        """``mask`` (batch or 1, 1, seq, keys) says which keys each query sees; None: all of them
-        (one new token attending to the whole cache) or, without a cache, plain causal.
-        ``row_lens``: one new token per row, row b attending to its first row_lens[b] keys."""
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache=None) -> torch.Tensor:
+        """``mask`` (batch or 1, 1, seq, keys) says which keys each query sees; None: every key, or
+        plain causal attention when several new tokens attend to each other."""
         batch, seq, _ = x.shape
         tap = self.tap
-        heads = self.n_heads + self.n_kv_heads
-        if self.wqkv is not None:  # q and k are adjacent in the fused output: rotate them in one go
-            qkv = self.wqkv(x)
-            qk = qkv[..., :heads * self.head_dim].view(batch, seq, heads, self.head_dim)
-            v = qkv[..., heads * self.head_dim:].view(batch, seq, self.n_kv_heads, self.head_dim)
-        else:
-            qk = torch.cat([self.wq(x), self.wk(x)], dim=-1).view(batch, seq, heads, self.head_dim)
-            v = self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim)  # (batch, seq, n_kv_heads, head_dim)
-        if tap:
-            tap("q", qk[:, :, :self.n_heads]), tap("k", qk[:, :, self.n_heads:]), tap("v", v)
-        qk = apply_rope(qk, cos, sin)
-        q, k = qk[:, :, :self.n_heads], qk[:, :, self.n_heads:]  # (batch, seq, n_heads / n_kv_heads, head_dim)
-        if tap:
-            tap("q_rope", q), tap("k_rope", k)
-
-        if cache is None:
-            keys, values = k.transpose(1, 2), v.transpose(1, 2)  # (batch, n_kv_heads, seq, head_dim)
-        else:
-            keys, values = cache.update(self.layer_id, positions, k, v, kv_len)  # (batch, n_kv_heads, kv_len, hd)
-        q = q.transpose(1, 2)  # (batch, n_heads, seq, head_dim)
-        causal = cache is None and mask is None
-        if tap:
-            rep_k = keys.float().repeat_interleave(self.n_rep, dim=1)  # each KV head serves n_rep query heads
-            scores = (q.float() @ rep_k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            if causal:
-                mask_ = torch.ones(seq, seq, dtype=torch.bool, device=x.device).tril()
-            else:
-                mask_ = mask if mask is not None else torch.ones(1, dtype=torch.bool, device=x.device)
-            scores = scores.masked_fill(~mask_, float("-inf"))
-            tap("scores", scores)
-            tap("probs", torch.softmax(scores, dim=-1))
-        out = None
-        if cache is not None and seq == 1 and tap is None and (row_lens is not None or mask is None):
-            # Decode: one new token per row over its own keys, in a small C kernel (llama3.kernels) that
-            # computes every row alike whatever the batch; None where it cannot run (then SDPA below).
-            lens = row_lens if row_lens is not None else [kv_len] * batch
-            out = kernels.attention_decode(q[:, :, 0], cache.k[self.layer_id][:batch], cache.v[self.layer_id][:batch],
-                                           lens, 1.0 / math.sqrt(self.head_dim))
-        if out is not None:
-            out = out[:, :, None]  # (batch, n_heads, 1, head_dim)
+        q = tap("q", self.wq(x).view(batch, seq, self.n_heads, self.head_dim))
+        k = tap("k", self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim))
+        v = tap("v", self.wv(x).view(batch, seq, self.n_kv_heads, self.head_dim))
+        q = tap("q_rope", apply_rope(q, cos, sin)).transpose(1, 2)  # (batch, n_heads, seq, head_dim)
+        k = tap("k_rope", apply_rope(k, cos, sin)).transpose(1, 2)  # (batch, n_kv_heads, seq, head_dim)
+        v = v.transpose(1, 2)
+        if cache is not None:  # the keys and values of earlier positions join the new ones
+            k, v = cache.update(self.layer_id, k, v)  # (batch, n_kv_heads, keys, head_dim)
         # Grouped-query attention without copying K/V: SDPA lets n_rep query heads share each KV head.
-        elif row_lens is not None:  # batched decode: each row exactly as it would run alone (batch-invariant)
-            out = torch.cat([F.scaled_dot_product_attention(q[b:b + 1], keys[b:b + 1, :, :n].to(q.dtype),
-                                                            values[b:b + 1, :, :n].to(q.dtype),
-                                                            enable_gqa=self.n_rep > 1)
-                             for b, n in enumerate(row_lens)])
-        else:
-            out = F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask,
-                                                 is_causal=causal, enable_gqa=self.n_rep > 1)
-        out = out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim)  # (batch, seq, dim)
-        if tap:
-            tap("heads_concat", out)
-        out = self.wo(out)
-        if tap:
-            tap("out", out)
-        return out
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                             is_causal=mask is None and seq > 1, enable_gqa=self.n_rep > 1)
+        out = tap("heads_concat", out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
+        return tap("out", self.wo(out))
 
 
 class FeedForward(nn.Module):
@@ -229,20 +183,12 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(dim, hidden_dim, bias=False, device=device)
         self.w2 = nn.Linear(hidden_dim, dim, bias=False, device=device)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False, device=device)
-        self.w13: nn.Module | None = None  # w1 and w3 in one matrix (set by llama3.quantize.fuse)
-        self.tap: Tap | None = None
+        self.tap = no_tap
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tap = self.tap
-        if self.w13 is not None:
-            gate, up = self.w13(x).chunk(2, dim=-1)
-        else:
-            gate, up = self.w1(x), self.w3(x)
-        act = F.silu(gate) * up
-        down = self.w2(act)
-        if tap:
-            tap("gate", gate), tap("up", up), tap("silu_gate_x_up", act), tap("down", down)
-        return down
+        act = tap("silu_gate_x_up", F.silu(tap("gate", self.w1(x))) * tap("up", self.w3(x)))
+        return tap("down", self.w2(act))
 
 
 class TransformerBlock(nn.Module):
@@ -253,36 +199,13 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args.dim, args.hidden_dim, device)
         self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps, device=device)
         self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps, device=device)
-        self.tap: Tap | None = None
+        self.tap = no_tap
 
-    def forward(self, x, cos, sin, positions, cache, kv_len, mask, row_lens=None):
+    def forward(self, x, cos, sin, mask, cache=None):
         tap = self.tap
-        xn = self.attention_norm(x)
-        if tap:
-            tap("attention_norm", xn)
-        h = x + self.attention(xn, cos, sin, positions, cache, kv_len, mask, row_lens)  # joins the residual
-        hn = self.ffn_norm(h)
-        if tap:
-            tap("residual_attn", h), tap("ffn_norm", hn)
-        out = h + self.feed_forward(hn)
-        if tap:
-            tap("residual_ffn", out)
-        return out
-
-
-def causal_mask(positions: torch.Tensor, kv_len: int, cached: bool) -> torch.Tensor | None:
-    """Which keys each query sees: the query at position p sees keys at positions <= p.
-
-    With a cache the keys are positions 0..kv_len-1 of each row (stale entries past a row's
-    length sit at positions > p, so they stay hidden). None when no mask is needed: one token
-    at the end of every row sees the whole cache; without a cache, plain causal attention."""
-    batch, seq = positions.shape
-    if not cached:
-        return None if batch == 1 else positions[:, None, None, :] <= positions[:, None, :, None]
-    if seq == 1 and batch == 1 and int(positions[0, 0]) == kv_len - 1:
-        return None
-    key_pos = torch.arange(kv_len, device=positions.device)
-    return key_pos[None, None, None, :] <= positions[:, None, :, None]  # (batch or 1, 1, seq, kv_len)
+        h = x + self.attention(tap("attention_norm", self.attention_norm(x)), cos, sin, mask, cache)
+        h = tap("residual_attn", h)  # attention joins the residual stream
+        return tap("residual_ffn", h + self.feed_forward(tap("ffn_norm", self.ffn_norm(h))))
 
 
 class Transformer(nn.Module):
@@ -301,95 +224,38 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False, device=device)
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight  # shared, not copied
-        if self.tok_embeddings.weight.is_meta:  # the loader calls reset_rope() once tensors are real
-            cos = sin = torch.empty(args.max_seq_len, args.head_dim, device="meta")
-        else:
-            cos, sin = rope_tables(args, device=self.tok_embeddings.weight.device)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
-        self.tap: Tap | None = None
+        self.register_buffer("rope_freqs", rope_frequencies(args).to(device), persistent=False)
+        self.tap = no_tap
 
     def reset_rope(self, device=None) -> None:
-        """Recompute the RoPE tables (after building on the meta device, or changing args)."""
-        device = device or self.norm.weight.device
-        self.rope_cos, self.rope_sin = rope_tables(self.args, device=device)
+        """Recompute the RoPE frequencies (after building on the meta device, or changing args)."""
+        self.rope_freqs = rope_frequencies(self.args).to(device or self.norm.weight.device)
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings and isinstance(self.tok_embeddings, nn.Embedding) \
                 and isinstance(self.output, nn.Linear):
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor = 0, cache=None,
+                last_only: bool = False) -> torch.Tensor:
         """Logits (batch, seq, vocab_size), float32, for tokens (batch, seq); with ``last_only``,
         (batch, 1, vocab_size) for the last position only (prefill needs no more: it skips the
         output projection, the largest matrix of small models, for every other position).
 
-        ``start_pos`` is the position of tokens[:, 0]: an int for the whole batch or a
-        (batch,) tensor, one per row. With a cache, the new keys and values are written at
-        those positions and each token attends to everything before it in its row; without
-        one, the tokens attend only to each other (causally).
+        ``start_pos`` is the position of tokens[:, 0]: an int for the whole batch or a (batch,)
+        tensor, one per row. With a cache, the new keys and values are stored at those positions
+        and each token attends to everything before it in its row; without one, the tokens
+        attend only to each other (causally).
         """
-        positions, kv_len = self._check(tokens, start_pos, cache)
-        tap = self.tap
-        cos = self.rope_cos[positions].unsqueeze(2)  # (batch or 1, seq, 1, head_dim)
-        sin = self.rope_sin[positions].unsqueeze(2)
         batch, seq = tokens.shape
-        row_lens = None
-        if cache is not None and seq == 1 and batch > 1 and self.tap is None:
-            # One new token per row: attend row by row over each row's own length, so that every row
-            # computes exactly what it would alone (a shared padded mask changes the last bits).
-            row_lens, mask = [int(p) + 1 for p in positions.expand(batch, 1)[:, 0].tolist()], None
-        else:
-            mask = causal_mask(positions, kv_len, cache is not None)
-        h = self.tok_embeddings(tokens)  # (batch, seq, dim)
-        if tap:
-            tap("embeddings", h)
+        offsets = torch.arange(seq, device=tokens.device)
+        positions = (start_pos + offsets)[None] if isinstance(start_pos, int) else start_pos[:, None] + offsets
+        cos, sin = rope_angles(self.rope_freqs, positions)
+        mask = cache.prepare(positions) if cache is not None else None
+        h = self.tap("embeddings", self.tok_embeddings(tokens))  # (batch, seq, dim)
         for layer in self.layers:
-            h = layer(h, cos, sin, positions, cache, kv_len, mask, row_lens)
+            h = layer(h, cos, sin, mask, cache)
         if last_only:
             h = h[:, -1:]
-        h = self.norm(h)
-        logits = self.output(h).float()
-        if tap:
-            tap("norm", h), tap("logits", logits)
-        return logits
-
-    def _check(self, tokens, start_pos, cache):
-        """Validate the input; return positions (batch or 1, seq) and the attended length."""
-        if not isinstance(tokens, torch.Tensor):
-            raise ValueError(f"tokens must be a tensor of token ids, got {type(tokens).__name__}")
-        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
-            raise ValueError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape (batch, seq), got {tuple(tokens.shape)}")
-        batch, seq = tokens.shape
-        if seq == 0:
-            raise ValueError("tokens is empty: give at least one token")
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        device = tokens.device
-        if isinstance(start_pos, torch.Tensor):
-            if start_pos.shape != (batch,):
-                raise ValueError(f"start_pos must be an int or a ({batch},) tensor, got shape {tuple(start_pos.shape)}")
-            start_pos = start_pos.to(device=device, dtype=torch.long)
-            first, last = int(start_pos.min()), int(start_pos.max())
-            positions = start_pos[:, None] + torch.arange(seq, device=device)[None, :]
-        else:
-            first = last = int(start_pos)
-            positions = torch.arange(first, first + seq, device=device)[None, :]
-        if first < 0:
-            raise ValueError(f"start_pos must be >= 0, got {first}")
-        end = last + seq
-        if end > self.args.max_seq_len:
-            raise ValueError(f"{end} positions exceed the model's context of {self.args.max_seq_len} "
-                             f"(start_pos {last} + {seq} tokens)")
-        if cache is not None:
-            if batch > cache.max_batch_size:
-                raise ValueError(f"batch of {batch} exceeds the cache's {cache.max_batch_size} rows")
-            if end > cache.max_seq_len:
-                raise ValueError(f"{end} positions exceed the cache's {cache.max_seq_len} "
-                                 f"(start_pos {last} + {seq} tokens)")
-        return positions, end
+        h = self.tap("norm", self.norm(h))
+        return self.tap("logits", self.output(h).float())

@@ -163,48 +163,11 @@ def quantize_model(model, scheme: str) -> None:
         model.output = QuantLinear(QuantTensor.from_float(model.output.weight, scheme))
 
 
-def _concat(modules):
-    if all(isinstance(m, QuantLinear) for m in modules) and len({m.kind for m in modules}) == 1:
-        qts = [m.qtensor for m in modules]
-        m_parts = [q.m for q in qts] if qts[0].m is not None else None
-        return QuantLinear(QuantTensor(qts[0].kind, torch.cat([q.qs for q in qts]), torch.cat([q.d for q in qts]),
-                                       torch.cat(m_parts) if m_parts else None, sum(q.rows for q in qts), qts[0].k))
-    if all(isinstance(m, nn.Linear) for m in modules):
-        w = torch.cat([m.weight for m in modules])
-        fused = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
-        fused.weight = nn.Parameter(w, requires_grad=False)
-        return fused
-    return None  # mixed kinds: leave them apart
-
-
-@torch.no_grad()
-def fuse(model) -> None:
-    """wq, wk, wv -> one wqkv; w1, w3 -> one w13: one matmul (and one activation quantization) instead of
-    three or two. The checkpoint keeps Meta's names; this runs after loading."""
-    for block in model.layers:
-        a, f = block.attention, block.feed_forward
-        if a.wqkv is None:
-            fused = _concat([a.wq, a.wk, a.wv])
-            if fused is not None:
-                a.wqkv = fused
-                del a.wq, a.wk, a.wv
-        if f.w13 is None:
-            fused = _concat([f.w1, f.w3])
-            if fused is not None:
-                f.w13 = fused
-                del f.w1, f.w3
-
-
 def describe(model) -> str:
-    """Which path runs, for `explain` and `bench`."""
-    from .fastpath import FastDecoder
-
+    """What the weights are and which kernels multiply them (the decoder policy adds how steps run)."""
     kinds = sorted({m.kind for m in model.modules() if isinstance(m, QuantLinear)})
-    fused = any(getattr(b.attention, "wqkv", None) is not None for b in model.layers)
     dtype = model.norm.weight.dtype
     if not kinds:
-        return f"float ({str(dtype).replace('torch.', '')})" + (", fused qkv/w13" if fused else "")
+        return f"float ({str(dtype).replace('torch.', '')})"
     lib = "C kernels (AVX2)" if kernels.library() is not None else f"PyTorch fallback ({kernels.why_not()})"
-    step = ", decode step in one C call" if FastDecoder.why_not(model) is None else ""
-    return f"quantized {'/'.join(kinds)} weights, int8 activations, {lib}" + (", fused qkv/w13" if fused else "") \
-        + step
+    return f"quantized {'/'.join(kinds)} weights, int8 activations, {lib}"

@@ -4,17 +4,25 @@
         logits = model(tokens)
     t.records["layers.0.attention.probs"]   # (batch, n_heads, seq, seq)
 
-The model calls a tap function at each named stage when one is set; ``Trace`` sets them on
-entry and always clears them on exit, even when the forward pass raises.
+Every named stage of the model passes through its module's ``tap(name, tensor)``; ``Trace`` swaps
+in a recording tap on entry and always puts the pass-through ``no_tap`` back on exit, even when the
+forward pass raises. The model never computes attention scores or probabilities on their own (it
+calls SDPA), so ``Trace`` recomputes them here from the tapped queries and keys after RoPE:
+scores = q·kᵀ / sqrt(head_dim) with each KV head serving its group of query heads, the causal mask
+as -inf, probs = softmax(scores). (Trace a forward pass without a cache: then the tapped keys are
+every key the queries see.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from ..model import Transformer
+from ..model import Transformer, no_tap
+
+_DERIVED = ("attention.scores", "attention.probs")
 
 
 class Trace:
@@ -26,11 +34,20 @@ class Trace:
         self.layers = sorted({i % n if -n <= i < n else _bad_layer(i, n) for i in chosen})
         self.records: dict[str, torch.Tensor] = {}
 
+    def _wanted(self, full: str) -> bool:
+        if self.names is None or full in self.names:
+            return True
+        # queries and keys after RoPE are needed to recompute requested scores or probabilities
+        base = full.rsplit(".", 1)[0]
+        return full.endswith(("attention.q_rope", "attention.k_rope")) and \
+            any(f"{base}.{d.split('.')[1]}" in self.names for d in _DERIVED)
+
     def _tap(self, prefix: str):
-        def tap(name: str, tensor: torch.Tensor) -> None:
+        def tap(name: str, tensor: torch.Tensor) -> torch.Tensor:
             full = prefix + name
-            if self.names is None or full in self.names:
+            if self._wanted(full):
                 self.records[full] = tensor.detach().to(self.keep_on, copy=True)
+            return tensor
         return tap
 
     def _targets(self):
@@ -47,12 +64,39 @@ class Trace:
             module.tap = self._tap(prefix)
         return self
 
-    def __exit__(self, *exc) -> None:
-        for module in [self.model, *self.model.layers]:  # every module that can hold a tap
-            module.tap = None
-            if hasattr(module, "attention"):
-                module.attention.tap = None
-                module.feed_forward.tap = None
+    def __exit__(self, exc_type, *exc) -> None:
+        for module, _ in self._targets():
+            module.tap = no_tap
+        if exc_type is None:
+            self._add_attention()
+
+    def _add_attention(self) -> None:
+        """Insert scores and probabilities after each traced layer's keys (records keep stage order)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self.records.items():
+            out[name] = t
+            if name.endswith("attention.k_rope") and name[:-len("k_rope")] + "q_rope" in self.records:
+                base = name[:-len("k_rope")]
+                scores, probs = attention_probs(self.records[base + "q_rope"], t)
+                for key, value in ((base + "scores", scores), (base + "probs", probs)):
+                    if self.names is None or key in self.names:
+                        out[key] = value
+        if self.names is not None:
+            out = {k: v for k, v in out.items() if k in self.names}
+        self.records = out
+
+
+def attention_probs(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of queries q (batch, seq, n_heads, head_dim) over keys k (batch, seq, n_kv_heads,
+    head_dim): (scores, probs), each (batch, n_heads, seq, seq), float32."""
+    n_rep = q.shape[2] // k.shape[2]
+    qf = q.float().transpose(1, 2)  # (batch, n_heads, seq, head_dim)
+    kf = k.float().transpose(1, 2).repeat_interleave(n_rep, dim=1)  # each KV head serves n_rep query heads
+    scores = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    seq = q.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    return scores, torch.softmax(scores, dim=-1)
 
 
 def _bad_layer(i: int, n: int) -> int:

@@ -1,4 +1,4 @@
-"""Quantized matmul kernels and the one-call decode step (used by llama3.fastpath): a small C
+"""Quantized matmul kernels and the one-call decode step (used by llama3.engine.cdecoder): a small C
 library (AVX2 + FMA, OpenMP) built with the system's C compiler on first use and called through
 ctypes, and, for the kernels, a pure-PyTorch fallback that computes the same numbers (bit for bit
 in the integer parts; float sums may differ in the last bits).
@@ -21,7 +21,7 @@ import torch
 
 QK = 32
 _KIND_ID = {"q8": 0, "q4_0": 1, "q4_1": 2}
-_SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.h", "qgemv.c", "decode.c")]
+_SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.h", "attention.h", "qgemv.c", "attention.c", "decode.c")]
 _lib = None
 _tried = False
 _why_not = ""
@@ -98,10 +98,13 @@ def library():
     lib.dequant_q8.argtypes = [p, p, i64, i64, p]
     lib.dequant_q4.argtypes = [p, p, p, i64, i64, p]
     lib.qlinear.argtypes = [ctypes.c_int, p, p, p, i64, i64, p, i64, p]
-    lib.attn_decode.argtypes = [p, p, p, i64, i64, i64, i64, i64, p, ctypes.c_float, p]
-    lib.decode_step.argtypes = [p, p, i64, p, p, p, p, i64]
+    lib.decode_step.argtypes = [p, p, i64, p, p, p, i64, p, i64]
+    lib.decode_struct_layout.argtypes = [p, i64]
+    lib.decode_struct_layout.restype = i64
+    lib.paged_attention.argtypes = [p, i64, p, i64, i64, i64, i64, p, i64, p, ctypes.c_float, p, i64]
+    lib.paged_attention.restype = ctypes.c_int
     lib.decode_step.restype = ctypes.c_int
-    for f in (lib.quantize_act, lib.dequant_q8, lib.dequant_q4, lib.qlinear, lib.attn_decode):
+    for f in (lib.quantize_act, lib.dequant_q8, lib.dequant_q4, lib.qlinear):
         f.restype = None
     _lib = lib
     return lib
@@ -194,21 +197,24 @@ def dequantize(kind: str, qs: torch.Tensor, d: torch.Tensor, m: torch.Tensor | N
     return w.view(rows, k)
 
 
-
-def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lens: list[int],
-                     scale: float) -> torch.Tensor | None:
-    """One new query per row: q (B, H, D) float32; k_cache, v_cache one layer's (rows, KVH, S, D) float32
-    cache; row b attends to its first lens[b] keys. Returns (B, H, D), or None without the C library."""
+def paged_attention(pool: torch.Tensor, layer: int, q: torch.Tensor, tables: torch.Tensor, lens: list[int],
+                    scale: float, threads: int | None = None) -> torch.Tensor:
+    """Decode attention of ``kernels/attention.c`` (what the one-call step runs), for tests and tinkerers:
+    q (B, n_heads, head_dim) float32 against the paged pool (n_blocks, n_layers, 2, n_kv_heads, block_size,
+    head_dim) of float32/float16/bfloat16; sequence b reads its first lens[b] positions through tables[b]."""
     lib = library()
-    if lib is None or q.dtype != torch.float32 or k_cache.dtype != torch.float32 or q.device.type != "cpu":
-        return None
+    if lib is None:
+        raise RuntimeError(f"the C kernels are unavailable: {why_not()}")
+    from .structs import KV_DTYPES, CacheDesc
+
     B, H, D = q.shape
-    _, KVH, S, _ = k_cache.shape
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        return None
-    q = q.contiguous()
-    out = torch.empty_like(q)
+    _, n_layers, _, kvh, block_size, _ = pool.shape
+    q, tables = q.float().contiguous(), tables.to(torch.int64).contiguous()
     n = torch.tensor(lens, dtype=torch.int64)
-    lib.attn_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), B, H, KVH, D, S, n.data_ptr(), scale,
-                    out.data_ptr())
+    out = torch.empty_like(q)
+    c = CacheDesc(pool.data_ptr(), KV_DTYPES[pool.dtype], block_size, n_layers)
+    rc = lib.paged_attention(ctypes.byref(c), layer, q.data_ptr(), B, H, kvh, D, tables.data_ptr(), tables.shape[1],
+                             n.data_ptr(), scale, out.data_ptr(), threads or torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("paged attention could not allocate its work buffer")
     return out

@@ -13,13 +13,15 @@
  *   g, u = w13 . xn;  x += w2 . (silu(g) * u)
  * then logits = output . (rmsnorm(x) * norm).
  *
- * One OpenMP parallel region per step; every matrix is split by rows between the threads, and the
- * small per-row work between matrices is split by rows or heads. */
+ * The keys and values live in the paged cache of llama3/engine/cache.py (attention.c reads it through each
+ * sequence's block table). One OpenMP parallel region per step; every matrix is split by rows between the
+ * threads, and the small per-row work between matrices is split by rows or heads. */
 #include <math.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "qgemv.h"
+#include "attention.h"
 
 typedef struct {
     const float *attn_norm, *ffn_norm;
@@ -33,17 +35,12 @@ typedef struct {
 typedef struct {
     int64_t dim, n_layers, n_heads, n_kv_heads, head_dim, hidden, vocab;
     double eps, attn_scale;
-    const float *rope_cos, *rope_sin; /* (max_seq, head_dim), laid out like model.rope_tables */
+    const float *rope_freqs;          /* (head_dim / 2): each pair's rotation per position (model.rope_frequencies) */
     qmat embed;                       /* (vocab, dim): a looked-up row is dequantized */
     const float *norm;
     qmat output;
     const layer_w *layers;
 } model_w;
-
-typedef struct {
-    float *k, *v;                          /* layer 0, row 0 */
-    int64_t layer_stride, row_stride, seq; /* in floats; each row holds (n_kv_heads, seq, head_dim) */
-} cache_w;
 
 static void rmsnorm(const float *x, const float *w, int64_t n, double eps, float *out) {
     __m256 acc = _mm256_setzero_ps();
@@ -56,6 +53,16 @@ static void rmsnorm(const float *x, const float *w, int64_t n, double eps, float
     for (; i < n; i++) ss += x[i] * x[i];
     const float r = 1.0f / sqrtf(ss / (float)n + (float)eps);
     for (i = 0; i < n; i++) out[i] = (x[i] * r) * w[i];
+}
+
+/* cos and sin of position p's angles laid out like the pairs: cos = [c0, c0, c1, ...], sin = [-s0, s0, ...]
+ * (model.rope_angles). */
+static void rope_angles(const float *freqs, int64_t p, int64_t D, float *cos_out, float *sin_out) {
+    for (int64_t i = 0; i < D / 2; i++) {
+        const float a = (float)p * freqs[i], c = cosf(a), s = sinf(a);
+        cos_out[2 * i] = cos_out[2 * i + 1] = c;
+        sin_out[2 * i] = -s, sin_out[2 * i + 1] = s;
+    }
 }
 
 /* Rotate each adjacent pair of a head: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); sin holds [-s, s]. */
@@ -76,15 +83,16 @@ static void matmul_list(const qmat *W, int64_t n_w, const acts *X, int64_t n, fl
     }
 }
 
-/* tokens (B), pos (B), rows (B): the new token of each sequence, its position and its row of the cache
- * (rows NULL: row b); logits (B, vocab). 0 on success, -1 when out of memory. */
-int decode_step(const model_w *M, const cache_w *C, int64_t B, const int64_t *tokens, const int64_t *pos,
-                const int64_t *rows, float *logits, int64_t nthreads) {
+/* tokens (B), pos (B): the new token of each sequence and its position; tables (B, width): each sequence's
+ * block table in the paged cache; logits (B, vocab). 0 on success, -1 when out of memory. */
+int decode_step(const model_w *M, const kv_cache *C, int64_t B, const int64_t *tokens, const int64_t *pos,
+                const int64_t *tables, int64_t width, float *logits, int64_t nthreads) {
     const int64_t dim = M->dim, H = M->n_heads, KVH = M->n_kv_heads, D = M->head_dim, hidden = M->hidden;
-    const int64_t nqkv = (H + 2 * KVH) * D, nbh_ceil = (hidden + QK - 1) / QK;
+    const int64_t nqkv = (H + 2 * KVH) * D, nbh_ceil = (hidden + QK - 1) / QK, bs = C->block_size;
+    const int64_t block_elems = C->n_layers * 2 * KVH * bs * D, esz = C->dtype == KV_F32 ? 4 : 2;
     int64_t maxk = dim > hidden ? dim : hidden;
     if (H * D > maxk) maxk = H * D;
-    const size_t floats = (size_t)(B * (dim + maxk + 2 * (maxk / QK) + nqkv + 2 * hidden));
+    const size_t floats = (size_t)(B * (dim + maxk + 2 * (maxk / QK) + nqkv + 2 * hidden + 2 * D));
     int64_t longest = 0;
     for (int64_t b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
     const int64_t max_chunks = (longest + ATT_CHUNK - 1) / ATT_CHUNK;
@@ -98,19 +106,21 @@ int decode_step(const model_w *M, const cache_w *C, int64_t B, const int64_t *to
     for (int64_t b = 0; b < B; b++) lens[b] = pos[b] + 1;
     float *att = part + B * H * max_chunks * (D + 2), *qkv_q = att + B * H * D; /* queries, (B, H, D) */
     float *xf = x + B * dim, *xd = xf + B * maxk, *xs = xd + B * (maxk / QK), *qkv = xs + B * (maxk / QK);
-    float *h13 = qkv + B * nqkv;
-    int8_t *xq = (int8_t *)(h13 + B * 2 * hidden);
+    float *h13 = qkv + B * nqkv, *rcos = h13 + B * 2 * hidden, *rsin = rcos + B * D;
+    int8_t *xq = (int8_t *)(rsin + B * D);
     /* activations of length k live in xf/xq/xd/xs with row stride k */
     const acts Xdim = {xf, xq, xd, xs, dim}, Xatt = {att, xq, xd, xs, H * D}, Xhid = {xf, xq, xd, xs, hidden};
 
     #pragma omp parallel num_threads((int)nthreads)
     {
         #pragma omp for schedule(static)
-        for (int64_t b = 0; b < B; b++) dequant_row(&M->embed, tokens[b], x + b * dim);
+        for (int64_t b = 0; b < B; b++) {
+            dequant_row(&M->embed, tokens[b], x + b * dim);
+            rope_angles(M->rope_freqs, pos[b], D, rcos + b * D, rsin + b * D);
+        }
 
         for (int64_t l = 0; l < M->n_layers; l++) {
             const layer_w *L = &M->layers[l];
-            float *kc = C->k + l * C->layer_stride, *vc = C->v + l * C->layer_stride;
 
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++) {
@@ -123,17 +133,18 @@ int decode_step(const model_w *M, const cache_w *C, int64_t B, const int64_t *to
             for (int64_t i = 0; i < B * (H + KVH); i++) { /* rope every q and k head; k and v into the cache */
                 const int64_t b = i / (H + KVH), h = i % (H + KVH);
                 float *head = qkv + b * nqkv + h * D;
-                rope(head, M->rope_cos + pos[b] * D, M->rope_sin + pos[b] * D, D);
+                rope(head, rcos + b * D, rsin + b * D, D);
                 if (h < H) {
                     memcpy(qkv_q + (b * H + h) * D, head, (size_t)D * sizeof(float));
-                } else {
-                    const int64_t at = (rows ? rows[b] : b) * C->row_stride + ((h - H) * C->seq + pos[b]) * D;
-                    memcpy(kc + at, head, (size_t)D * sizeof(float));
-                    memcpy(vc + at, head + KVH * D, (size_t)D * sizeof(float));
+                } else { /* position pos[b]: block tables[b][pos / bs], slot pos % bs; the value KVH heads later */
+                    const int64_t block = tables[b * width + pos[b] / bs];
+                    const int64_t at = block * block_elems + ((l * 2 * KVH + (h - H)) * bs + pos[b] % bs) * D;
+                    kv_store((char *)C->pool + at * esz, head, D, (int)C->dtype);
+                    kv_store((char *)C->pool + (at + KVH * bs * D) * esz, head + KVH * D, D, (int)C->dtype);
                 }
             }
-            attention_ws(qkv_q, kc, vc, B, H, KVH, D, C->seq, C->row_stride, rows, lens, (float)M->attn_scale, part,
-                         max_chunks, att);
+            paged_attention_ws(C, l, qkv_q, B, H, KVH, D, tables, width, lens, (float)M->attn_scale, part, max_chunks,
+                               att);
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++)
                 quantize_row(att + b * H * D, H * D, xq + b * H * D, xd + b * (H * D / QK), xs + b * (H * D / QK));
@@ -167,4 +178,26 @@ int decode_step(const model_w *M, const cache_w *C, int64_t B, const int64_t *to
     }
     free(x), free(part), free(lens);
     return 0;
+}
+
+/* Sizes and field offsets of the structs that llama3/engine/cdecoder.py mirrors with ctypes, checked when the
+ * library is loaded: (sizeof, offsets of every field in declaration order) per struct, in a fixed order. */
+int64_t decode_struct_layout(int64_t *out, int64_t cap) {
+    const int64_t v[] = {
+        sizeof(qmat), offsetof(qmat, kind), offsetof(qmat, qs), offsetof(qmat, d), offsetof(qmat, m),
+        offsetof(qmat, rows), offsetof(qmat, k),
+        sizeof(layer_w), offsetof(layer_w, attn_norm), offsetof(layer_w, ffn_norm), offsetof(layer_w, qkv),
+        offsetof(layer_w, n_qkv), offsetof(layer_w, w13), offsetof(layer_w, n_w13), offsetof(layer_w, wo),
+        offsetof(layer_w, w2),
+        sizeof(model_w), offsetof(model_w, dim), offsetof(model_w, n_layers), offsetof(model_w, n_heads),
+        offsetof(model_w, n_kv_heads), offsetof(model_w, head_dim), offsetof(model_w, hidden),
+        offsetof(model_w, vocab), offsetof(model_w, eps), offsetof(model_w, attn_scale),
+        offsetof(model_w, rope_freqs), offsetof(model_w, embed), offsetof(model_w, norm), offsetof(model_w, output),
+        offsetof(model_w, layers),
+        sizeof(kv_cache), offsetof(kv_cache, pool), offsetof(kv_cache, dtype), offsetof(kv_cache, block_size),
+        offsetof(kv_cache, n_layers),
+    };
+    const int64_t n = (int64_t)(sizeof(v) / sizeof(v[0]));
+    for (int64_t i = 0; i < n && i < cap; i++) out[i] = v[i];
+    return n;
 }

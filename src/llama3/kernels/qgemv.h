@@ -36,12 +36,6 @@ void dequant_row(const qmat *W, int64_t r, float *out);
 /* One row of k floats (k a multiple of 32) to int8 blocks. */
 void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s);
 
-#define ATT_CHUNK 128 /* keys per attention work item */
-
-void attention_ws(const float *q, const float *k, const float *v, int64_t B, int64_t H, int64_t KVH, int64_t D,
-                  int64_t S, int64_t row_stride, const int64_t *kv_row, const int64_t *lens, float scale,
-                  float *part, int64_t max_chunks, float *out);
-
 /* out = silu(g) * u, n floats. */
 void silu_mul(const float *g, const float *u, int64_t n, float *out);
 
@@ -72,6 +66,26 @@ static inline float dot_f16_f32(const uint16_t *a, const float *b, int64_t n) {
     float s = hsum8(acc);
     for (; i < n; i++) s += _cvtsh_ss(a[i]) * b[i];
     return s;
+}
+
+/* exp(x) for 8 floats (Cephes' polynomial after splitting off a power of two; ~1 ulp), 0 below -87. */
+static inline __m256 exp8(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-87.0f), hi = _mm256_set1_ps(88.0f);
+    const __m256 tiny = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+    const __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(tiny, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
 
 #endif

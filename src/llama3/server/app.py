@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..sampling import SamplingParams
-from .scheduler import Metrics, QueueFull, Request as Job, Scheduler
+from .scheduler import Job, Metrics, QueueFull, Scheduler
 
 log = logging.getLogger("llama3.server")
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -136,7 +136,7 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
             state.scheduler = Scheduler(llm, max_batch=max_batch, max_queue=max_queue, ctx=ctx, metrics=state.metrics)
             state.model_id = _model_id(llm)
             state.llm = llm
-            log.info("model %s ready", state.model_id)
+            log.info("model %s ready; runs as: %s", state.model_id, llm.describe())
         except Exception as e:  # noqa: BLE001
             state.error = f"{type(e).__name__}: {e}"
             log.exception("loading the model failed")
@@ -324,7 +324,7 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
         created = int(time.time())
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(request, kind, rid, created, jobs, logprobs, include_usage),
+            return StreamingResponse(_stream(request, kind, rid, created, jobs, logprobs, include_usage, body.n),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             results = await asyncio.gather(*[_collect(q) for *_, q in jobs])
@@ -342,10 +342,8 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                 text = state.llm.tokenizer.decode(p) + text
             reason = steps[-1].finish_reason if steps else "length"
             choices.append(_choice(kind, index, text, reason, steps if logprobs else None))
-        prompt_tokens = sum(len(p) for p in prompts)
         return {"id": rid, "object": kind, "created": created, "model": state.model_id, "choices": choices,
-                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                          "total_tokens": prompt_tokens + completion_tokens}}
+                "usage": _usage(prompts, jobs, completion_tokens, body.n)}
 
     async def _collect(q: asyncio.Queue):
         steps = []
@@ -357,7 +355,7 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                 return steps, item
             steps.append(item)
 
-    async def _stream(request, kind, rid, created, jobs, logprobs, include_usage):
+    async def _stream(request, kind, rid, created, jobs, logprobs, include_usage, n):
         obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
         merged: asyncio.Queue = asyncio.Queue()
 
@@ -394,10 +392,9 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                 yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_id,
                             "choices": [chunk]})
             if include_usage:
-                prompt_tokens = sum(len(p) for _, p, _, _ in jobs)
+                prompts = [p for i, (_, p, _, _) in enumerate(jobs) if i % n == 0]
                 yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": [],
-                            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
-                                      "total_tokens": prompt_tokens + sum(counts)}})
+                            "usage": _usage(prompts, jobs, sum(counts), n)})
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): free every slot still held
             for _, _, job, _ in jobs:
@@ -440,6 +437,15 @@ def _prompts(prompt) -> list:
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return list(prompt)
+
+
+def _usage(prompts, jobs, completion_tokens: int, n: int) -> dict:
+    """OpenAI's usage block; ``cached_tokens``: prompt tokens whose keys and values came from the cache (the
+    first of each prompt's n choices)."""
+    prompt_tokens = sum(len(p) for p in prompts)
+    cached = sum(job.request.cached_tokens for i, (_, _, job, _) in enumerate(jobs) if i % n == 0 and job.request)
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens, "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def _sse(obj) -> str:

@@ -1,17 +1,13 @@
-"""Continuous batching: one thread runs every decode step for all active sequences together.
-
-Each sequence owns one row ("slot") of a KV cache of ``max_batch`` rows × ``ctx`` positions, so
-admission is KV-cache accounting: a request is admitted when a slot is free, and a slot holds
-any prompt plus completion that fits the context. New requests are prefilled into their slot
-between steps; finished or cancelled ones leave at once and free their slot. A decode step runs
-rows 0..highest busy slot together (each at its own position); free rows in between get a
-dummy token that writes only into their own, unused row.
+"""The server's side of continuous batching: one thread drives the engine (``llama3.engine.Engine``), the
+same loop the Python API and bench use. HTTP handlers ``submit`` jobs from the event loop; each engine step
+admits new requests (reusing any cached prompt prefix), prefills, decodes every running sequence by one
+token, and the scheduler hands each Step to its job. A job whose client went away is cancelled at the next
+step and its cache blocks are freed at once.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,8 +15,8 @@ from typing import Callable
 
 import torch
 
-from ..generation import Llama, Step, _Sequence
-from ..model import KVCache
+from ..engine import Engine, Request
+from ..generation import Llama
 from ..sampling import SamplingParams
 
 log = logging.getLogger("llama3.server")
@@ -31,14 +27,16 @@ class QueueFull(Exception):
 
 
 @dataclass
-class Request:
+class Job:
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[object], None]  # receives Step records, then None at the end (or an Exception)
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
+    processors: tuple = ()
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    request: Request | None = None  # the engine's record (``cached_tokens`` once admitted)
 
 
 class Metrics:
@@ -54,6 +52,10 @@ class Metrics:
         self.queue_depth = 0
         self.active = 0
         self.cancelled = 0
+        self.cached_tokens = 0
+        self.set_aside = 0
+        self.kv_blocks_in_use = 0
+        self.kv_resident_bytes = 0
         self.hist = {"llama3_time_to_first_token_seconds": [0] * (len(self.BUCKETS) + 1) + [0.0],
                      "llama3_time_per_output_token_seconds": [0] * (len(self.BUCKETS) + 1) + [0.0]}
 
@@ -80,6 +82,13 @@ class Metrics:
                 ("llama3_prompt_tokens_total", "counter", self.prompt_tokens, "Prompt tokens processed."),
                 ("llama3_completion_tokens_total", "counter", self.completion_tokens, "Tokens generated."),
                 ("llama3_cancelled_total", "counter", self.cancelled, "Sequences cancelled by a disconnect."),
+                ("llama3_prompt_tokens_cached_total", "counter", self.cached_tokens,
+                 "Prompt tokens whose keys and values were reused from the cache."),
+                ("llama3_set_aside_total", "counter", self.set_aside,
+                 "Sequences set aside for lack of KV-cache memory (and recomputed)."),
+                ("llama3_kv_cache_blocks_in_use", "gauge", self.kv_blocks_in_use, "KV-cache blocks held by sequences."),
+                ("llama3_kv_cache_resident_bytes", "gauge", self.kv_resident_bytes,
+                 "Memory the KV cache holds now (blocks in use or kept for prefix reuse)."),
                 ("llama3_queue_depth", "gauge", self.queue_depth, "Requests waiting for a slot."),
                 ("llama3_active_sequences", "gauge", self.active, "Sequences being generated."),
             ]:
@@ -95,28 +104,28 @@ class Metrics:
 
 class Scheduler:
     def __init__(self, llm: Llama, max_batch: int = 8, max_queue: int = 64, ctx: int | None = None,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, **engine_options):
         self.llm, self.max_batch, self.max_queue = llm, max_batch, max_queue
-        self.ctx = min(ctx or llm.generator.context, llm.args.max_seq_len)
+        self.engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, context=ctx or llm.generator.context,
+                             **engine_options)
+        self.ctx = self.engine.context
         self.metrics = metrics or Metrics()
-        self.pending: queue.Queue[Request] = queue.Queue()
-        self.slots: list[tuple[Request, _Sequence] | None] = [None] * max_batch
-        self.positions = [0] * max_batch
-        self.cache = KVCache(llm.args, max_batch_size=max_batch, max_seq_len=self.ctx, dtype=llm.dtype,
-                             device=llm.device)
-        # only the busy slots, each at its own cache row; one C call per step where the model qualifies
-        self.decode = llm.generator.decoder()
+        self.jobs: dict[int, Job] = {}
+        self._lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="llama3-scheduler", daemon=True)
         self.thread.start()
 
     # ------------------------------------------------------------------------- requests
-    def submit(self, req: Request) -> None:
-        if self.pending.qsize() >= self.max_queue:
+    def submit(self, job: Job) -> None:
+        if self.engine.waiting >= self.max_queue:
             raise QueueFull()
-        self.pending.put(req)
-        self.metrics.queue_depth = self.pending.qsize()
+        stop_ids = set() if job.ignore_eos else None
+        job.request = Request(job.prompt, job.params, stop_ids, job.processors)
+        with self._lock:
+            self.jobs[self.engine.add(job.request)] = job
+        self.metrics.queue_depth = self.engine.waiting
         self.wake.set()
 
     def stop(self) -> None:
@@ -128,92 +137,54 @@ class Scheduler:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         while not self.stopping:
-            admitted = self._admit()
-            busy = [i for i, s in enumerate(self.slots) if s is not None]
-            if not busy and not admitted:
+            with self._lock:
+                gone = [rid for rid, job in self.jobs.items() if job.cancelled.is_set()]
+            for rid in gone:  # the client went away: the engine frees its blocks at this step
+                self.engine.cancel(rid)
+                self._finish(rid)
+                self.metrics.cancelled += 1
+            if not self.engine.has_work():
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()
                 continue
             try:
-                self._step(busy)
-            except Exception as e:  # noqa: BLE001 - a failure ends the affected requests, not the server
-                log.exception("decode step failed")
-                for i in busy:
-                    self._finish(i, error=e)
-
-    def _admit(self) -> bool:
-        admitted = False
-        while None in self.slots and not self.pending.empty():
-            req = self.pending.get()
-            self.metrics.queue_depth = self.pending.qsize()
-            if req.cancelled.is_set():
-                req.emit(None)
+                started = time.perf_counter()
+                steps = self.engine.step()
+                elapsed = time.perf_counter() - started
+            except Exception as e:  # noqa: BLE001 - a failure ends the requests in flight, not the server
+                log.exception("engine step failed")
+                self.engine.abort()
+                for rid in list(self.jobs):
+                    self._finish(rid, error=e)
                 continue
-            slot = self.slots.index(None)
-            try:
-                self._prefill(slot, req)
-                admitted = True
-            except Exception as e:  # noqa: BLE001
-                log.exception("prefill failed")
-                req.emit(e)
-        return admitted
+            for step in steps:
+                self._deliver(step, elapsed)
+            self._update_gauges()
 
-    def _prefill(self, slot: int, req: Request) -> None:
-        llm = self.llm
-        stop_ids = set() if req.ignore_eos else llm.tokenizer.stop_ids
-        seq = _Sequence(slot, req.prompt, req.params, llm.tokenizer, stop_ids, llm.args.vocab_size)
-        logits = llm.generator.prefill(req.prompt, self.cache.rows(slot, slot + 1)).float().cpu()
-        self.slots[slot] = (req, seq)
-        self.positions[slot] = len(req.prompt)
-        self.metrics.prompt_tokens += len(req.prompt)
-        self.metrics.active = sum(s is not None for s in self.slots)
-        self._emit_token(slot, logits)
-
-    def _emit_token(self, slot: int, logits: torch.Tensor) -> None:
-        """Choose, account and send one token for the sequence in ``slot``."""
-        req, seq = self.slots[slot]
-        if req.cancelled.is_set():
-            self.metrics.cancelled += 1
-            self._finish(slot)
+    def _deliver(self, step, elapsed: float) -> None:
+        job = self.jobs.get(step.request_id)
+        if job is None:  # cancelled meanwhile
             return
-        token, logprob, top = seq.choose(logits)
-        at_end = self.positions[slot] + 1 >= self.ctx
-        text, reason = seq.feed(token, at_end)
         now = time.perf_counter()
-        if req.first_token_at is None:
-            req.first_token_at = now
-            self.metrics.observe("llama3_time_to_first_token_seconds", now - req.arrived)
-        self.metrics.completion_tokens += 1
-        req.emit(Step(token, text, logprob, top, reason, 0))
-        seq.last_token = token
-        if reason is not None:
-            self._finish(slot)
-
-    def _finish(self, slot: int, error: Exception | None = None) -> None:
-        entry = self.slots[slot]
-        if entry is None:
-            return
-        req, _ = entry
-        self.slots[slot] = None
-        self.metrics.active = sum(s is not None for s in self.slots)
-        req.emit(error)  # None = done
-
-    def _step(self, busy: list[int]) -> None:
-        # Cancelled sequences leave before the step: their slot is free for the next request.
-        for i in busy:
-            req, _ = self.slots[i]
-            if req.cancelled.is_set():
-                self.metrics.cancelled += 1
-                self._finish(i)
-        busy = [i for i in busy if self.slots[i] is not None]
-        if not busy:
-            return
-        started = time.perf_counter()
-        out = self.decode([self.slots[i][1].last_token for i in busy], [self.positions[i] for i in busy],
-                          self.cache, rows=busy)
-        logits = {i: out[j] for j, i in enumerate(busy)}
-        elapsed = time.perf_counter() - started
-        for i in busy:
-            self.positions[i] += 1
+        if job.first_token_at is None:
+            job.first_token_at = now
+            self.metrics.observe("llama3_time_to_first_token_seconds", now - job.arrived)
+            self.metrics.prompt_tokens += len(job.prompt)
+            self.metrics.cached_tokens += job.request.cached_tokens
+        else:
             self.metrics.observe("llama3_time_per_output_token_seconds", elapsed)
-            self._emit_token(i, logits[i])
+        self.metrics.completion_tokens += 1
+        job.emit(step)
+        if step.finish_reason is not None:
+            self._finish(step.request_id)
+
+    def _finish(self, rid: int, error: Exception | None = None) -> None:
+        with self._lock:
+            job = self.jobs.pop(rid, None)
+        if job is not None:
+            job.emit(error)  # None = done
+
+    def _update_gauges(self) -> None:
+        m, e = self.metrics, self.engine
+        m.queue_depth, m.active, m.set_aside = e.waiting, e.active, e.set_aside
+        m.kv_blocks_in_use, m.kv_resident_bytes = e.cache.blocks_in_use, e.cache.resident_bytes()

@@ -1,0 +1,45 @@
+"""Which decoder runs a model: one policy, reported the same way by ``load``, ``explain``, ``bench`` and
+the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model import Transformer
+from .cache import PagedKVCache
+from .decoders import Decoder, TorchDecoder
+
+
+@dataclass
+class Choice:
+    name: str  # "c" | "torch"
+    reason: str  # why this one (and, for "torch" on a CPU, why not the C step)
+
+
+def choose_decoder(model: Transformer, kv_dtype: torch.dtype | None = None) -> Choice:
+    """The C step wherever it can run (a CPU model whose matrices are blocks or 16-bit, the kernels
+    built, no trace attached); ``Transformer.forward`` otherwise, and always on the exact float path."""
+    from .cdecoder import CDecoder
+
+    if model.norm.weight.device.type != "cpu":
+        return Choice("torch", f"Transformer.forward on {model.norm.weight.device.type} (the C step is for CPUs)")
+    why = CDecoder.why_not(model, kv_dtype)
+    if why is None:
+        return Choice("c", "each decode step is one C call")
+    return Choice("torch", f"Transformer.forward ({why})")
+
+
+def make_decoder(decoder, model: Transformer, cache: PagedKVCache, threads: int | None = None) -> Decoder:
+    """``decoder``: "auto" (``choose_decoder``), "c", "torch", or a function (model, cache) -> Decoder."""
+    from .cdecoder import CDecoder
+
+    if callable(decoder):
+        return decoder(model, cache)
+    if decoder not in ("auto", "c", "torch"):
+        raise ValueError(f"unknown decoder {decoder!r}; expected auto, c or torch")
+    name = choose_decoder(model, cache.dtype).name if decoder == "auto" else decoder
+    if name == "c":
+        return CDecoder(model, cache, threads=threads)
+    return TorchDecoder(model, cache)
