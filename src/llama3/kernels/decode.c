@@ -1,7 +1,7 @@
 /* The whole decode step in one call: one new token per row through every layer, the same math as
  * llama3/model.py's Transformer.forward with a KV cache (and the quantized linears of qgemv.c),
- * without ~2,000 PyTorch dispatches per token. llama3/fastpath.py builds the structs and checks
- * which models qualify; tests/test_fastpath.py holds it against the PyTorch path.
+ * without ~1,000 PyTorch dispatches per token. llama3/engine/cdecoder.py builds the structs and checks
+ * which models qualify; tests/test_decoders.py holds it against the PyTorch path.
  *
  * Per layer, for each row b at position pos[b]:
  *   xn = rmsnorm(x) * attn_norm          -> int8 blocks
@@ -180,8 +180,9 @@ int decode_step(const model_w *M, const kv_cache *C, int64_t B, const int64_t *t
     return 0;
 }
 
-/* Sizes and field offsets of the structs that llama3/engine/cdecoder.py mirrors with ctypes, checked when the
- * library is loaded: (sizeof, offsets of every field in declaration order) per struct, in a fixed order. */
+/* Sizes and field offsets of the structs that llama3/kernels/structs.py mirrors with ctypes, checked before the
+ * step is used: (sizeof, offsets of every field in declaration order) per struct in a fixed order, then the
+ * cache dtype enum's values. */
 int64_t decode_struct_layout(int64_t *out, int64_t cap) {
     const int64_t v[] = {
         sizeof(qmat), offsetof(qmat, kind), offsetof(qmat, qs), offsetof(qmat, d), offsetof(qmat, m),
@@ -196,6 +197,7 @@ int64_t decode_struct_layout(int64_t *out, int64_t cap) {
         offsetof(model_w, layers),
         sizeof(kv_cache), offsetof(kv_cache, pool), offsetof(kv_cache, dtype), offsetof(kv_cache, block_size),
         offsetof(kv_cache, n_layers),
+        KV_F32, KV_F16, KV_BF16, /* the cache dtype enum */
     };
     const int64_t n = (int64_t)(sizeof(v) / sizeof(v[0]));
     for (int64_t i = 0; i < n && i < cap; i++) out[i] = v[i];

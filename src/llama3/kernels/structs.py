@@ -37,6 +37,7 @@ def layout_mismatch(lib) -> str | None:
     ours = []
     for struct in (MatDesc, LayerDesc, ModelDesc, CacheDesc):
         ours += [ctypes.sizeof(struct)] + [getattr(struct, name).offset for name, _ in struct._fields_]
+    ours += [KV_DTYPES[t] for t in (torch.float32, torch.float16, torch.bfloat16)]
     out = (ctypes.c_int64 * 64)()
     theirs = list(out[:lib.decode_struct_layout(out, 64)])
     return None if theirs == ours else f"the C structs' layout {theirs} differs from ctypes' {ours}"
