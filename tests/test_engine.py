@@ -230,3 +230,49 @@ def test_second_chat_turn_reuses_the_first(smollm2_fast):
     _, ids = llm.chat_prompt(messages)
     assert second.cached_tokens >= first.prompt_tokens - 32  # all but the last partial block of turn one
     assert second.cached_tokens < len(ids)
+
+
+def test_prompt_scores_equal_log_softmax_of_forward(tiny):
+    """``prompt_logprobs``: each prompt token's logprob (and the top alternatives) equal a log_softmax of one
+    forward pass over the prompt, across prefill chunks; ``generate=False`` scores without generating and
+    ends with one token-less Step."""
+    model, tok = tiny
+    prompt = torch.randint(0, 128, (70,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt]))[0], dim=-1)
+    engine = Engine(model, tok, decoder="torch", prefill_chunk=32)  # three chunks
+    warm = Request(prompt, SamplingParams(max_new_tokens=1, temperature=0))
+    engine.add(warm)
+    list(engine.run())  # the prompt's blocks are now cached; scoring must not reuse them
+    req = Request(prompt, SamplingParams(max_new_tokens=1, temperature=0), prompt_logprobs=3, generate=False)
+    engine.add(req)
+    steps = list(engine.run())
+    assert [(s.token_id, s.finish_reason) for s in steps] == [(-1, "length")] and req.cached_tokens == 0
+    assert len(req.prompt_scores) == len(prompt) - 1
+    for i, (lp, top) in enumerate(req.prompt_scores):
+        assert lp == pytest.approx(float(ref[i, prompt[i + 1]]), abs=1e-4)
+        values, ids = torch.topk(ref[i], 3)
+        assert list(top) == ids.tolist() and list(top.values()) == pytest.approx(values.tolist(), abs=1e-4)
+    assert engine.cache.blocks_in_use == 0
+
+
+def test_a_finished_grammar_ends_the_sequence(tiny):
+    model, tok = tiny
+
+    class StopAfterTwo:
+        def __init__(self):
+            self.n = 0
+
+        def __call__(self, generated, logits):
+            return logits
+
+        def accept(self, token):
+            self.n += 1
+
+        def is_finished(self):
+            return self.n >= 2
+
+    engine = Engine(model, tok, decoder="torch")
+    engine.add(Request([1, 2, 3], SamplingParams(max_new_tokens=20, temperature=0), processors=[StopAfterTwo()]))
+    steps = list(engine.run())
+    assert len(steps) == 2 and steps[-1].finish_reason == "stop"

@@ -94,13 +94,13 @@ class PagedKVCache:
         self.hits = 0  # prompt tokens served from filed blocks, in all
 
     # ------------------------------------------------------------------ sequences
-    def open(self, tokens: Sequence[int]) -> tuple[int, int]:
+    def open(self, tokens: Sequence[int], reuse: bool = True) -> tuple[int, int]:
         """Start a sequence that will hold ``tokens`` first; returns (its id, how many of those tokens are
         already stored: whole blocks of an earlier identical prefix, always fewer than len(tokens) so
-        that at least one token is computed and gives logits)."""
+        that at least one token is computed and gives logits; 0 without ``reuse``)."""
         sid, self._next_id = self._next_id, self._next_id + 1
         seq = self._seqs[sid] = _Seq()
-        if not self.prefix_caching:
+        if not (self.prefix_caching and reuse):
             return sid, 0
         bs, parent = self.block_size, None
         for i in range((len(tokens) - 1) // bs):

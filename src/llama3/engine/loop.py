@@ -60,8 +60,13 @@ class Request:
     stop_ids: set[int] | None = None  # None: the tokenizer's end-of-turn tokens
     processors: Sequence[LogitsProcessor] = ()
     index: int = 0
+    # Score the prompt too: the logprob of each prompt token after the first (and the top-n alternatives),
+    # written to ``prompt_scores`` before the first Step. Its prefix is then computed, not reused.
+    prompt_logprobs: int | None = None
+    generate: bool = True  # False: only score the prompt; the request ends with one Step holding no token (-1)
     id: int = -1
     cached_tokens: int = 0  # prompt tokens whose keys and values came from the cache, set when admitted
+    prompt_scores: list[tuple[float, dict[int, float]]] = field(default_factory=list)
     arrived: float = field(default_factory=time.perf_counter)
 
 
@@ -88,6 +93,7 @@ class _Running:
         self.prefilled = 0  # tokens of ``tokens_to_prefill`` already in the cache
         self.emitted = ""  # text already yielded
         self.pending = ""  # text held back: it may begin a stop string
+        self.constrained_done = False
 
     def tokens_to_prefill(self) -> list[int]:
         """The prompt, plus (after being set aside for lack of memory) all generated tokens but the last,
@@ -111,6 +117,7 @@ class _Running:
         for p in self.req.processors:
             if hasattr(p, "accept"):
                 p.accept(token)
+        self.constrained_done = any(getattr(p, "is_finished", lambda: False)() for p in self.req.processors)
         if self.counts is not None:
             self.counts[token] += 1
         top = {}
@@ -123,6 +130,9 @@ class _Running:
         """Account for a chosen token; return (text to emit, finish_reason or None)."""
         self.generated.append(token)
         if token in self.stop_ids:
+            return self._flush(), "stop"
+        if self.constrained_done:  # a grammar completed its output: nothing may follow
+            self.pending += self.detok.add(token)
             return self._flush(), "stop"
         self.pending += self.detok.add(token)
         stops = self.req.params.stop
@@ -284,7 +294,7 @@ class Engine:
         while self._waiting and self.active < self.max_batch:
             seq = self._waiting[0]
             tokens = seq.tokens_to_prefill()
-            seq.slot, cached = self.cache.open(tokens)
+            seq.slot, cached = self.cache.open(tokens, reuse=seq.req.prompt_logprobs is None)
             try:
                 self.cache.reserve(seq.slot, len(tokens) + 1)
             except CacheFull:
@@ -305,16 +315,32 @@ class Engine:
             seq = self._prefilling[0]
             tokens = seq.tokens_to_prefill()
             chunk = tokens[seq.prefilled:seq.prefilled + budget]
-            logits = self.decoder.prefill(chunk, seq.slot, seq.prefilled)
+            scoring = seq.req.prompt_logprobs is not None and not seq.generated
+            logits = self.decoder.prefill(chunk, seq.slot, seq.prefilled, all_logits=scoring)
+            if scoring:  # row i predicts the token after chunk[i]
+                self._score(seq.req, logits, tokens[seq.prefilled + 1:seq.prefilled + len(chunk) + 1])
+                logits = logits[-1]
             self.cache.append(seq.slot, chunk)
             seq.prefilled += len(chunk)
             budget -= len(chunk)
             if seq.prefilled < len(tokens):
                 return  # the rest next step
             self._prefilling.pop(0)
+            if not seq.req.generate:
+                out.append(Step(-1, "", 0.0, {}, "length", seq.req.index, seq.req.id))
+                self._close(seq)
+                continue
             self._running.append(seq)
             if not seq.generated:  # a fresh prompt: its first token (a resumed one already has its next input)
                 self._emit(seq, logits, out)
+
+    @staticmethod
+    def _score(req: Request, logits: torch.Tensor, targets: list[int]) -> None:
+        logprobs = torch.log_softmax(logits[:len(targets)], dim=-1)
+        top = torch.topk(logprobs, req.prompt_logprobs, dim=-1) if req.prompt_logprobs else None
+        for i, t in enumerate(targets):
+            alternatives = {int(j): float(v) for j, v in zip(top.indices[i], top.values[i])} if top else {}
+            req.prompt_scores.append((float(logprobs[i, t]), alternatives))
 
     def _decode(self, out: list[Step]) -> None:
         ready = [s for s in self._running if s.generated and s.req.id >= 0]
