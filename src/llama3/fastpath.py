@@ -7,8 +7,8 @@ model. ``FastDecoder`` runs exactly that computation for one new token per row a
 ``kernels/decode.c``, reading the model's own tensors and writing the same ``KVCache`` (so prefill
 by ``forward`` and decode by the fast path can alternate freely).
 
-It serves models whose block matrices are quantized (``QuantLinear``: a GGUF's Q8_0/Q4_0/Q4_1
-blocks or ``--quantize int8|int4``) on the CPU in float32, when the C kernels are built. The exact
+It serves models whose block matrices are ``QuantLinear`` (a GGUF's blocks of any kind in
+``kernels.SUPPORTED_KINDS``, or ``--quantize``) on the CPU in float32, when the C kernels are built. The exact
 float path (``quantize=None``) always runs ``forward``. ``FastDecoder.why_not(model)`` says why a
 model does not qualify; tests/test_fastpath.py holds its logits to ``forward``'s.
 """
@@ -26,32 +26,9 @@ import torch
 from torch import nn
 
 from . import kernels
+from .kernels import Cache as _Cache, Layer as _Layer, Model as _Model, QMat as _QMat  # (checked against the C)
 from .model import KVCache, Transformer
 from .quantize import QuantEmbedding, QuantLinear
-
-_KINDS = {"q8": 0, "q4_0": 1, "q4_1": 2}
-_F32 = 3
-_p, _i64, _f64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-
-
-class _QMat(ctypes.Structure):
-    _fields_ = [("kind", _i64), ("qs", _p), ("d", _p), ("m", _p), ("rows", _i64), ("k", _i64)]
-
-
-class _Layer(ctypes.Structure):
-    _fields_ = [("attn_norm", _p), ("ffn_norm", _p), ("qkv", _QMat * 3), ("n_qkv", _i64),
-                ("w13", _QMat * 2), ("n_w13", _i64), ("wo", _QMat), ("w2", _QMat)]
-
-
-class _Model(ctypes.Structure):
-    _fields_ = [("dim", _i64), ("n_layers", _i64), ("n_heads", _i64), ("n_kv_heads", _i64), ("head_dim", _i64),
-                ("hidden", _i64), ("vocab", _i64), ("eps", _f64), ("attn_scale", _f64), ("rope_cos", _p),
-                ("rope_sin", _p), ("embed", _QMat), ("norm", _p), ("output", _QMat),
-                ("layers", ctypes.POINTER(_Layer))]
-
-
-class _Cache(ctypes.Structure):
-    _fields_ = [("k", _p), ("v", _p), ("layer_stride", _i64), ("row_stride", _i64), ("seq", _i64)]
 
 
 class _NotEligible(Exception):
@@ -103,18 +80,14 @@ def _f32(t: torch.Tensor, what: str) -> int:
 def _qmat(module: nn.Module, what: str, keep: list) -> _QMat:
     """A matrix for the C side; ``keep`` collects the tensors it points into (kept alive with it)."""
     if isinstance(module, (QuantLinear, QuantEmbedding)):
-        rows, k = (module.out_features, module.in_features) if isinstance(module, QuantLinear) else \
-            (module.num_embeddings, module.embedding_dim)
-        tensors = [module.qs, module.d] + ([module.m] if module.kind == "q4_1" else [])
-        if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors) or module.d.dtype != torch.float16:
-            raise _NotEligible(f"{what}'s blocks are not contiguous CPU tensors with float16 scales")
-        keep.extend(tensors)
-        m = module.m.data_ptr() if module.kind == "q4_1" else None
-        return _QMat(_KINDS[module.kind], module.qs.data_ptr(), module.d.data_ptr(), m, rows, k)
+        if module.data.device.type != "cpu":
+            raise _NotEligible(f"{what}'s blocks are not on the CPU")
+        keep.append(module.data)
+        return kernels.qmat(module.qtensor)
     if isinstance(module, (nn.Linear, nn.Embedding)) and getattr(module, "bias", None) is None:
         w = module.weight
         keep.append(w)
-        return _QMat(_F32, _f32(w, what), None, None, w.shape[0], w.shape[1])
+        return _QMat(kernels.KIND_ID["F32"], _f32(w, what), w.shape[0], w.shape[1], 4 * w.shape[1])
     raise _NotEligible(f"{what} is a {type(module).__name__}, which the fast path does not run")
 
 
@@ -157,9 +130,6 @@ class FastDecoder:
             lay.w13, lay.n_w13 = _group([(m, f"layers.{i}.feed_forward.{n}") for m, n in w13], keep, 2)
             lay.wo = _qmat(a.wo, f"layers.{i}.attention.wo", keep)
             lay.w2 = _qmat(f.w2, f"layers.{i}.feed_forward.w2", keep)
-            for mat in [*lay.qkv[:lay.n_qkv], *lay.w13[:lay.n_w13], lay.wo, lay.w2]:
-                if mat.kind != _F32 and mat.k % 32:
-                    raise _NotEligible(f"layer {i} has a quantized matrix with rows of {mat.k}")
         keep += [model.rope_cos, model.rope_sin, model.norm.weight]
         self._model = _Model(
             dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.kv_heads,

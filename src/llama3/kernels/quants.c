@@ -1,0 +1,708 @@
+/* GGUF's block formats executed in place: activation quantization, dequantization and matrix-vector
+ * products for every kind of qgemv.h's enum, reading each weight row's blocks exactly as the file stores
+ * them (layouts: llama.cpp's ggml-common.h; gguf-py's quants.py is the reference the tests hold us to).
+ *
+ * Each product pairs the weights with activations quantized the way llama.cpp runs the format:
+ *   legacy kinds and IQ4_NL with int8 blocks of 32 (acts.q8):  block dot = d_w d_x sum_i v_i q_i  (+ m_w s_x)
+ *   K-quants and IQ4_XS with int8 blocks of 256 (acts.qk):      sum over sub-blocks of (d sc_j) d_x sum_i v_i q_i,
+ *       minus (dmin m_j) d_x sum_i q_i, where the sums of q come from the activations' sums of 16 (acts.bk)
+ *   F32, F16, BF16 with the float activations, widened in registers.
+ * The integer parts are exact; floats enter once per block. AVX2 has no signed*signed byte multiply, so
+ * signed weights multiply as |v| (unsigned) times q carrying v's sign; weights stored unsigned (offset
+ * formats, K-quants) multiply as they are and their offset is subtracted through the sums of q.
+ *
+ * Every (weight row, activation row) product is the same sequence of operations whatever the number of
+ * activation rows (each kernel decodes a block once, then runs the same code for each activation row) and
+ * whatever the thread count (a row is one thread's work): batches and thread counts never change results.
+ * Built once per ISA from this one source: AVX2 + FMA + F16C, and AVX-512 (F/BW/VL/VNNI).
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qgemv.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define ISA_AVX512 1
+#define ISA_NAME "avx512"
+#else
+#define ISA_NAME "avx2"
+#endif
+
+/* ------------------------------------------------------------------------------------------ the kinds */
+typedef struct {
+    const char *name;
+    int64_t id, elems, bytes; /* a block: elems values in bytes bytes */
+} kind_info;
+
+static const kind_info KINDS[] = {
+    {"F32", KIND_F32, 1, 4},          {"F16", KIND_F16, 1, 2},          {"BF16", KIND_BF16, 1, 2},
+    {"Q4_0", KIND_Q4_0, QK, 18},      {"Q4_1", KIND_Q4_1, QK, 20},      {"Q5_0", KIND_Q5_0, QK, 22},
+    {"Q5_1", KIND_Q5_1, QK, 24},      {"Q8_0", KIND_Q8_0, QK, 34},      {"Q2_K", KIND_Q2_K, QK_K, 84},
+    {"Q3_K", KIND_Q3_K, QK_K, 110},   {"Q4_K", KIND_Q4_K, QK_K, 144},   {"Q5_K", KIND_Q5_K, QK_K, 176},
+    {"Q6_K", KIND_Q6_K, QK_K, 210},   {"IQ4_NL", KIND_IQ4_NL, QK, 18},  {"IQ4_XS", KIND_IQ4_XS, QK_K, 136},
+};
+#define N_KINDS ((int)(sizeof(KINDS) / sizeof(KINDS[0])))
+
+static const kind_info *kind_of(int64_t id) {
+    for (int i = 0; i < N_KINDS; i++)
+        if (KINDS[i].id == id) return &KINDS[i];
+    return NULL;
+}
+
+/* "name id block_elems block_bytes" per line, for the Python side to check against gguf-py. */
+const char *kinds_table(void) {
+    static char buf[1024];
+    int at = 0;
+    for (int i = 0; i < N_KINDS; i++)
+        at += snprintf(buf + at, sizeof(buf) - (size_t)at, "%s %lld %lld %lld\n", KINDS[i].name,
+                       (long long)KINDS[i].id, (long long)KINDS[i].elems, (long long)KINDS[i].bytes);
+    return buf;
+}
+
+const char *isa_name(void) { return ISA_NAME; }
+
+int act_needs(const qmat *W) {
+    switch (W->kind) {
+    case KIND_Q4_0: case KIND_Q4_1: case KIND_Q5_0: case KIND_Q5_1: case KIND_Q8_0: case KIND_IQ4_NL:
+        return ACT_Q8;
+    case KIND_Q2_K: case KIND_Q3_K: case KIND_Q4_K: case KIND_Q5_K: case KIND_Q6_K: case KIND_IQ4_XS:
+        return ACT_Q8K;
+    default:
+        return 0;
+    }
+}
+
+int act_needs_list(const qmat *W, int64_t n_w) {
+    int needs = 0;
+    for (int64_t i = 0; i < n_w; i++) needs |= act_needs(&W[i]);
+    return needs;
+}
+
+/* --------------------------------------------------------------------------------- small helpers */
+static inline float f16_at(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+static inline uint32_t u32_at(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+static inline __m256i load32(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+
+/* 16 bytes -> 32 values 0..15: the low nibbles (elements 0..15), then the high nibbles (16..31). */
+static inline __m256i nibbles32(const uint8_t *p) {
+    const __m128i b = _mm_loadu_si128((const __m128i *)p);
+    return _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(b, 4), b), _mm256_set1_epi8(0x0F));
+}
+
+/* 32 bits (little-endian) -> 32 bytes: 0x10 where element i's bit is set, else 0. */
+static inline __m256i bits32_x16(const uint8_t *p) {
+    const __m256i spread = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,  /* bytes 0, 1 */
+                                            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3); /* bytes 2, 3 */
+    const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+    const __m256i b = _mm256_shuffle_epi8(_mm256_set1_epi32((int)u32_at(p)), spread);
+    return _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(b, bit), bit), _mm256_set1_epi8(0x10));
+}
+
+/* IQ4_NL's and IQ4_XS's 16 non-linear levels, in both 128-bit lanes for a byte shuffle. */
+static inline __m256i iq4_levels(void) {
+    return _mm256_setr_epi8(-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+                            -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113);
+}
+
+/* 8 int32 lanes: the sums of 4 products of unsigned u and signed s bytes (no saturation for |u s| < 2^14). */
+static inline __m256i dot_us(__m256i u, __m256i s) {
+#ifdef ISA_AVX512
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+#endif
+}
+
+/* The same for signed v (|v| <= 128) and s (|s| <= 127). */
+static inline __m256i dot_ss(__m256i v, __m256i s) { return dot_us(_mm256_sign_epi8(v, v), _mm256_sign_epi8(s, v)); }
+
+/* 16 int16 lanes: pairs of u s byte products (unsigned u, signed s), for a multiply by 16-bit scales next. */
+static inline __m256i pairs_us(__m256i u, __m256i s) { return _mm256_maddubs_epi16(u, s); }
+static inline __m256i pairs_ss(__m256i v, __m256i s) {
+    return _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(s, v));
+}
+
+static inline float hsum4(__m128 v) {
+    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    v = _mm_add_ss(v, _mm_movehdup_ps(v));
+    return _mm_cvtss_f32(v);
+}
+
+/* ------------------------------------------------------------------------- activation quantization */
+static inline float absmax(const float *x, int64_t n) { /* n a multiple of 8 */
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 m = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    return _mm_cvtss_f32(m4);
+}
+
+static inline int hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_hadd_epi32(s, s);
+    return _mm_cvtsi128_si32(_mm_hadd_epi32(s, s));
+}
+
+/* q = round(x * inv) (half to even) for 32 floats; sum[0], sum[1] = the sums of q's two halves of 16. */
+static inline void round32(const float *x, __m256 inv, int8_t *q, int *sum) {
+    __m256i i32[4];
+    for (int j = 0; j < 4; j++)
+        i32[j] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * j), inv),
+                                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    sum[0] = hsum_i32(_mm256_add_epi32(i32[0], i32[1]));
+    sum[1] = hsum_i32(_mm256_add_epi32(i32[2], i32[3]));
+    /* 32 int32 -> 32 int8, restoring element order after the lane-wise packs */
+    __m256i p8 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+}
+
+/* One block of n (32 or 256) floats: scale d = max|x| / 127, q = round(x * 127 / max|x|); sums of 16 in sums. */
+static inline float quantize_block(const float *x, int64_t n, int8_t *q, int *sums) {
+    const float m = absmax(x, n);
+    const __m256 inv = _mm256_set1_ps(m > 0.0f ? 127.0f / m : 0.0f);
+    for (int64_t j = 0; j < n; j += 32) round32(x + j, inv, q + j, sums + j / 16);
+    return m / 127.0f;
+}
+
+size_t acts_bytes(int64_t n, int64_t k) {
+    return (size_t)(n * (2 * (k / QK) + k / QK_K) * (int64_t)sizeof(float) + n * (k / 16) * 2 + 2 * n * k);
+}
+
+void acts_init(acts *X, void *buf, const float *f, int64_t n, int64_t k) {
+    float *p = (float *)buf; /* floats first, then int16, then bytes: every field aligned */
+    X->d8 = p, p += n * (k / QK);
+    X->s8 = p, p += n * (k / QK);
+    X->dk = p, p += n * (k / QK_K);
+    X->bk = (int16_t *)p;
+    X->q8 = (int8_t *)(X->bk + n * (k / 16));
+    X->qk = X->q8 + n * k;
+    X->f = f, X->k = k;
+}
+
+void quantize_acts_row(const acts *X, int64_t t, int64_t j0, int64_t j1, int needs) {
+    const int64_t k = X->k;
+    const float *x = X->f + t * k;
+    int sums[QK_K / 16];
+    if (needs & ACT_Q8)
+        for (int64_t b = j0 / QK; (b + 1) * QK <= j1; b++) {
+            const int64_t i = t * (k / QK) + b;
+            X->d8[i] = quantize_block(x + b * QK, QK, X->q8 + t * k + b * QK, sums);
+            X->s8[i] = X->d8[i] * (float)(sums[0] + sums[1]);
+        }
+    if (needs & ACT_Q8K)
+        for (int64_t b = j0 / QK_K; (b + 1) * QK_K <= j1; b++) {
+            X->dk[t * (k / QK_K) + b] = quantize_block(x + b * QK_K, QK_K, X->qk + t * k + b * QK_K, sums);
+            for (int j = 0; j < QK_K / 16; j++) X->bk[t * (k / 16) + b * (QK_K / 16) + j] = (int16_t)sums[j];
+        }
+}
+
+/* ------------------------------------------------------------------------------- decoding blocks */
+/* A legacy block's 32 values as bytes: signed for Q8_0, Q4_0, Q5_0, IQ4_NL; unsigned for Q4_1, Q5_1. */
+static inline __m256i legacy_values(int kind, const uint8_t *blk) {
+    switch (kind) {
+    case KIND_Q8_0: return load32(blk + 2);                                          /* d, qs[32] */
+    case KIND_Q4_0: return _mm256_sub_epi8(nibbles32(blk + 2), _mm256_set1_epi8(8)); /* d, qs[16] */
+    case KIND_Q4_1: return nibbles32(blk + 4);                                       /* d, m, qs[16] */
+    case KIND_Q5_0: /* d, qh[4], qs[16]: bit i of qh is element i's fifth bit */
+        return _mm256_sub_epi8(_mm256_or_si256(nibbles32(blk + 6), bits32_x16(blk + 2)), _mm256_set1_epi8(16));
+    case KIND_Q5_1: return _mm256_or_si256(nibbles32(blk + 8), bits32_x16(blk + 4)); /* d, m, qh[4], qs[16] */
+    default: return _mm256_shuffle_epi8(iq4_levels(), nibbles32(blk + 2));           /* IQ4_NL: d, qs[16] */
+    }
+}
+
+static inline int legacy_has_min(int kind) { return kind == KIND_Q4_1 || kind == KIND_Q5_1; }
+
+/* The scales of a K-quant super-block, unpacked: per group of 32 (Q4_K, Q5_K, IQ4_XS) or of 16 (Q2_K, Q3_K,
+ * Q6_K), with mins (Q2_K, Q4_K, Q5_K) and the offset subtracted from the stored values (Q3_K 4, Q6_K 32). */
+typedef struct {
+    float d, dmin;
+    int8_t sc[16], mn[16];
+    int offset;
+} sb_scales;
+
+/* Q4_K/Q5_K's 12 bytes of 6-bit scales and mins: bytes 0-3 hold scales 0-3 (and the top bits of scales 4-7
+ * in bits 6-7), bytes 4-7 mins 0-3 (and the top bits of mins 4-7), bytes 8-11 the low nibbles of scales 4-7
+ * and, in their high nibbles, of mins 4-7. */
+static inline void k4_scales(const uint8_t *p, int8_t *sc, int8_t *mn) {
+    const uint32_t a = u32_at(p), b = u32_at(p + 4), c = u32_at(p + 8);
+    const uint32_t s[2] = {a & 0x3f3f3f3f, (c & 0x0f0f0f0f) | ((a >> 2) & 0x30303030)};
+    const uint32_t m[2] = {b & 0x3f3f3f3f, ((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030)};
+    memcpy(sc, s, 8);
+    memcpy(mn, m, 8);
+}
+
+/* A super-block's 256 values as 8 groups of 32 bytes (group g = elements 32g .. 32g+31): unsigned 0..2^bits-1
+ * (the offset and mins are applied through the scales), or signed levels for IQ4_XS; and its scales. */
+static inline void sb_decode(int kind, const uint8_t *blk, __m256i *u, sb_scales *S) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), one = _mm256_set1_epi8(1);
+    S->offset = 0;
+    switch (kind) {
+    case KIND_Q4_K:   /* d, dmin, scales[12], qs[128]: byte i of qs chunk c: element 64c+i (low), 64c+32+i (high) */
+    case KIND_Q5_K: { /* d, dmin, scales[12], qh[32], qs[128]: bit g of qh[i] is the fifth bit of element 32g+i */
+        const uint8_t *qs = blk + (kind == KIND_Q4_K ? 16 : 48);
+        for (int c = 0; c < 4; c++) {
+            const __m256i q = load32(qs + 32 * c);
+            u[2 * c] = _mm256_and_si256(q, low4);
+            u[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+        }
+        if (kind == KIND_Q5_K) {
+            __m256i h = load32(blk + 16);
+            for (int g = 0; g < 8; g++, h = _mm256_srli_epi16(h, 1))
+                u[g] = _mm256_or_si256(u[g], _mm256_slli_epi16(_mm256_and_si256(h, one), 4));
+        }
+        S->d = f16_at(blk), S->dmin = f16_at(blk + 2);
+        k4_scales(blk + 4, S->sc, S->mn);
+        break;
+    }
+    case KIND_Q6_K: { /* ql[128], qh[64], scales[16] (int8), d; per half h of 128 elements, bytes i < 32 of ql
+                         (L0, L1 = its two 32-byte rows) and qh: element 128h + 32s + i takes L(s%2) nibble s/2
+                         and bits 2s, 2s+1 of qh */
+        for (int h = 0; h < 2; h++) {
+            const __m256i l0 = load32(blk + 64 * h), l1 = load32(blk + 64 * h + 32), q = load32(blk + 128 + 32 * h);
+            const __m256i hi0 = _mm256_slli_epi16(_mm256_and_si256(q, low2), 4);
+            const __m256i hi1 = _mm256_slli_epi16(_mm256_and_si256(q, _mm256_set1_epi8(0x0C)), 2);
+            const __m256i hi2 = _mm256_and_si256(q, _mm256_set1_epi8(0x30));
+            const __m256i hi3 = _mm256_srli_epi16(_mm256_and_si256(q, _mm256_set1_epi8((char)0xC0)), 2);
+            u[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, low4), hi0);
+            u[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, low4), hi1);
+            u[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), hi2);
+            u[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), hi3);
+        }
+        memcpy(S->sc, blk + 192, 16);
+        S->d = f16_at(blk + 208), S->dmin = 0.0f, S->offset = 32;
+        break;
+    }
+    case KIND_Q3_K: { /* hmask[32], qs[64], scales[12], d: element 128h + 32s + i has bits 2s, 2s+1 of qs[32h + i]
+                         and, as its third bit, bit (4h + s) of hmask[i]; stored value = that - 4 */
+        __m256i m = load32(blk);
+        for (int h = 0; h < 2; h++) {
+            __m256i q = load32(blk + 32 + 32 * h);
+            for (int s = 0; s < 4; s++, q = _mm256_srli_epi16(q, 2), m = _mm256_srli_epi16(m, 1))
+                u[4 * h + s] = _mm256_or_si256(_mm256_and_si256(q, low2),
+                                               _mm256_slli_epi16(_mm256_and_si256(m, one), 2));
+        }
+        /* 16 6-bit scales - 32: low nibbles in bytes 0-7 (scales 0-7, then their high nibbles scales 8-15), the top
+           two bits in bytes 8-11 (scale i: byte 8 + i % 4, bits 2 (i / 4)) */
+        const uint32_t a0 = u32_at(blk + 96), a1 = u32_at(blk + 100), a2 = u32_at(blk + 104);
+        const uint32_t w[4] = {(a0 & 0x0f0f0f0f) | ((a2 & 0x03030303) << 4),
+                               (a1 & 0x0f0f0f0f) | (((a2 >> 2) & 0x03030303) << 4),
+                               ((a0 >> 4) & 0x0f0f0f0f) | (((a2 >> 4) & 0x03030303) << 4),
+                               ((a1 >> 4) & 0x0f0f0f0f) | (((a2 >> 6) & 0x03030303) << 4)};
+        _mm_storeu_si128((__m128i *)S->sc, _mm_sub_epi8(_mm_loadu_si128((const __m128i *)w), _mm_set1_epi8(32)));
+        S->d = f16_at(blk + 108), S->dmin = 0.0f, S->offset = 4;
+        break;
+    }
+    case KIND_Q2_K: { /* scales[16] (scale | min << 4), qs[64], d, dmin: element 128h + 32s + i is bits 2s, 2s+1 of
+                         qs[32h + i] */
+        for (int h = 0; h < 2; h++) {
+            __m256i q = load32(blk + 16 + 32 * h);
+            for (int s = 0; s < 4; s++, q = _mm256_srli_epi16(q, 2)) u[4 * h + s] = _mm256_and_si256(q, low2);
+        }
+        const __m128i sm = _mm_loadu_si128((const __m128i *)blk);
+        _mm_storeu_si128((__m128i *)S->sc, _mm_and_si128(sm, _mm_set1_epi8(0x0F)));
+        _mm_storeu_si128((__m128i *)S->mn, _mm_and_si128(_mm_srli_epi16(sm, 4), _mm_set1_epi8(0x0F)));
+        S->d = f16_at(blk + 80), S->dmin = f16_at(blk + 82);
+        break;
+    }
+    default: { /* IQ4_XS: d, scales_h (2 bits per group), scales_l[4] (4 bits per group), qs[128] (16 bytes per
+                  group, as IQ4_NL's blocks) */
+        const __m256i levels = iq4_levels();
+        for (int g = 0; g < 8; g++) u[g] = _mm256_shuffle_epi8(levels, nibbles32(blk + 8 + 16 * g));
+        const unsigned sh = (unsigned)blk[2] | (unsigned)blk[3] << 8;
+        for (int g = 0; g < 8; g++)
+            S->sc[g] = (int8_t)((((blk[4 + g / 2] >> (4 * (g % 2))) & 0x0F) | (((sh >> (2 * g)) & 3) << 4)) - 32);
+        S->d = f16_at(blk), S->dmin = 0.0f;
+        break;
+    }
+    }
+}
+
+static inline int sb_per16(int kind) { return kind == KIND_Q2_K || kind == KIND_Q3_K || kind == KIND_Q6_K; }
+static inline int sb_has_min(int kind) { return kind == KIND_Q2_K || kind == KIND_Q4_K || kind == KIND_Q5_K; }
+
+/* --------------------------------------------------------------------------------------- dequantize */
+/* o[0..15] = scale * v - sub for 16 int8 values: the float operations of gguf-py's dequantizers. */
+static inline void store16(__m128i v, float scale, float sub, float *o) {
+    const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(sub);
+    const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v));
+    const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8)));
+    _mm256_storeu_ps(o, _mm256_sub_ps(_mm256_mul_ps(f0, s), m));
+    _mm256_storeu_ps(o + 8, _mm256_sub_ps(_mm256_mul_ps(f1, s), m));
+}
+
+static inline void dequant_legacy(int kind, const uint8_t *w, int64_t k, float *out) {
+    const int64_t bs = kind_of(kind)->bytes;
+    for (int64_t b = 0; b < k / QK; b++) {
+        const uint8_t *blk = w + b * bs;
+        const __m256i v = legacy_values(kind, blk);
+        const float d = f16_at(blk), m = legacy_has_min(kind) ? -f16_at(blk + 2) : 0.0f; /* d v + m = d v - (-m) */
+        store16(_mm256_castsi256_si128(v), d, m, out + b * QK);
+        store16(_mm256_extracti128_si256(v, 1), d, m, out + b * QK + 16);
+    }
+}
+
+static inline void dequant_k(int kind, const uint8_t *w, int64_t k, float *out) {
+    const int64_t bs = kind_of(kind)->bytes;
+    for (int64_t sb = 0; sb < k / QK_K; sb++) {
+        __m256i u[8];
+        sb_scales S;
+        sb_decode(kind, w + sb * bs, u, &S);
+        for (int g = 0; g < 8; g++) {
+            const __m256i v = _mm256_sub_epi8(u[g], _mm256_set1_epi8((char)S.offset));
+            for (int half = 0; half < 2; half++) {
+                const int j = sb_per16(kind) ? 2 * g + half : g;
+                const float ml = sb_has_min(kind) ? S.dmin * (float)S.mn[j] : 0.0f;
+                const __m128i v16 = half ? _mm256_extracti128_si256(v, 1) : _mm256_castsi256_si128(v);
+                store16(v16, S.d * (float)S.sc[j], ml, out + sb * QK_K + 32 * g + 16 * half);
+            }
+        }
+    }
+}
+
+static inline __m256 load8_float(int kind, const uint8_t *w, int64_t i) {
+    if (kind == KIND_F32) return _mm256_loadu_ps((const float *)w + i);
+    const __m128i h = _mm_loadu_si128((const __m128i *)(w + 2 * i));
+    if (kind == KIND_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); /* BF16: the top half of an f32 */
+}
+
+static inline float load1_float(int kind, const uint8_t *w, int64_t i) {
+    if (kind == KIND_F32) return ((const float *)w)[i];
+    uint16_t h;
+    memcpy(&h, w + 2 * i, 2);
+    if (kind == KIND_F16) return _cvtsh_ss(h);
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline void dequant_float(int kind, const uint8_t *w, int64_t k, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) _mm256_storeu_ps(out + i, load8_float(kind, w, i));
+    for (; i < k; i++) out[i] = load1_float(kind, w, i);
+}
+
+void dequant_row(const qmat *W, int64_t r, float *out) {
+    const uint8_t *w = W->data + r * W->row_bytes;
+    const int64_t k = W->k;
+    switch (W->kind) {
+    case KIND_F32: dequant_float(KIND_F32, w, k, out); break;
+    case KIND_F16: dequant_float(KIND_F16, w, k, out); break;
+    case KIND_BF16: dequant_float(KIND_BF16, w, k, out); break;
+    case KIND_Q4_0: dequant_legacy(KIND_Q4_0, w, k, out); break;
+    case KIND_Q4_1: dequant_legacy(KIND_Q4_1, w, k, out); break;
+    case KIND_Q5_0: dequant_legacy(KIND_Q5_0, w, k, out); break;
+    case KIND_Q5_1: dequant_legacy(KIND_Q5_1, w, k, out); break;
+    case KIND_Q8_0: dequant_legacy(KIND_Q8_0, w, k, out); break;
+    case KIND_IQ4_NL: dequant_legacy(KIND_IQ4_NL, w, k, out); break;
+    case KIND_Q2_K: dequant_k(KIND_Q2_K, w, k, out); break;
+    case KIND_Q3_K: dequant_k(KIND_Q3_K, w, k, out); break;
+    case KIND_Q4_K: dequant_k(KIND_Q4_K, w, k, out); break;
+    case KIND_Q5_K: dequant_k(KIND_Q5_K, w, k, out); break;
+    case KIND_Q6_K: dequant_k(KIND_Q6_K, w, k, out); break;
+    case KIND_IQ4_XS: dequant_k(KIND_IQ4_XS, w, k, out); break;
+    }
+}
+
+/* ------------------------------------------------------------------------------------ dot products */
+/* Each kernel: one weight row w against activation rows t0 .. t0 + nt - 1 (nt <= NT), out[t] = the products.
+ * Called with constant kind and nt so that each instance is specialized. */
+#define NT 4
+#define KERNEL static inline __attribute__((always_inline)) void
+
+/* Lanes j < m of 8 floats at p (the rest 0), without reading past p[m - 1]. */
+static inline __m256 load_first(const float *p, int m) {
+    if (m == 8) return _mm256_loadu_ps(p);
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_maskload_ps(p, lanes);
+}
+
+/* Legacy kinds, 8 blocks at a time: their 8 scale products d_w d_x in one multiply, then per block
+ * acc += (d_w d_x) * (block's integer dot, as 8 partial sums); blocks alternate between two accumulators. */
+KERNEL dot_legacy(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, float *out) {
+    const int64_t k = X->k, nb = k / QK, bs = kind_of(kind)->bytes;
+    const int has_min = legacy_has_min(kind);
+    __m256 a0[NT], a1[NT], am[NT];
+    for (int t = 0; t < nt; t++) a0[t] = a1[t] = am[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b += 8) {
+        const int m = nb - b < 8 ? (int)(nb - b) : 8;
+        uint16_t dh[8] = {0}, mh[8] = {0};
+        for (int j = 0; j < m; j++) {
+            memcpy(&dh[j], w + (b + j) * bs, 2);
+            if (has_min) memcpy(&mh[j], w + (b + j) * bs + 2, 2);
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh));
+        __m256 sc[NT];
+        for (int t = 0; t < nt; t++) {
+            sc[t] = _mm256_mul_ps(dw, load_first(X->d8 + (t0 + t) * nb + b, m));
+            if (has_min) /* the offset m_w times the activations' d_x sum(q) */
+                am[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mh)),
+                                        load_first(X->s8 + (t0 + t) * nb + b, m), am[t]);
+        }
+        for (int j = 0; j < m; j++) {
+            const __m256i v = legacy_values(kind, w + (b + j) * bs);
+            for (int t = 0; t < nt; t++) {
+                const __m256i q = load32(X->q8 + (t0 + t) * k + (b + j) * QK);
+                const __m256 p = _mm256_cvtepi32_ps(has_min ? dot_us(v, q) : dot_ss(v, q));
+                const __m256 s = _mm256_permutevar8x32_ps(sc[t], _mm256_set1_epi32(j));
+                if (j & 1) a1[t] = _mm256_fmadd_ps(s, p, a1[t]);
+                else a0[t] = _mm256_fmadd_ps(s, p, a0[t]);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = hsum8(_mm256_add_ps(a0[t], a1[t])) + (has_min ? hsum8(am[t]) : 0.0f);
+}
+
+/* K-quants and IQ4_XS, one super-block at a time: the integer sum over its groups of scale_j * (v . q)_j
+ * (16-bit products of byte pairs times 16-bit scales), corrected by the offset through the activations'
+ * sums of 16; then acc += d d_x * that, and for kinds with mins accm += dmin d_x * sum_j m_j (sum of q)_j. */
+KERNEL dot_k(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, float *out) {
+    const int64_t k = X->k, nsb = k / QK_K, bs = kind_of(kind)->bytes;
+    __m256 acc[NT], accm[NT];
+    for (int t = 0; t < nt; t++) acc[t] = accm[t] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+        __m256i u[8], scl[8];
+        sb_scales S;
+        sb_decode(kind, w + sb * bs, u, &S);
+        /* scl[g]: the 16-bit scale of each pair-product lane of group g (lanes 0-7 are elements 0-15) */
+        const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)S.sc));
+        if (sb_per16(kind)) {
+            const __m256i lo = _mm256_permute2x128_si256(s16, s16, 0x00), hi = _mm256_permute2x128_si256(s16, s16, 0x11);
+            for (int g = 0; g < 4; g++) {
+                const __m256i pick = _mm256_setr_epi8(4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g,
+                                                      4 * g + 1, 4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g, 4 * g + 1,
+                                                      4 * g, 4 * g + 1, 4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3,
+                                                      4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3,
+                                                      4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3);
+                scl[g] = _mm256_shuffle_epi8(lo, pick);
+                scl[g + 4] = _mm256_shuffle_epi8(hi, pick);
+            }
+        } else {
+            for (int g = 0; g < 8; g++) scl[g] = _mm256_set1_epi16(S.sc[g]);
+        }
+        const __m256i m16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)S.mn));
+        for (int t = 0; t < nt; t++) {
+            const int8_t *q = X->qk + (t0 + t) * k + sb * QK_K;
+            const __m256i bsum = load32(X->bk + (t0 + t) * (k / 16) + sb * (QK_K / 16)); /* 16 sums of 16 */
+            const float dx = X->dk[(t0 + t) * nsb + sb];
+            __m256i s = _mm256_setzero_si256();
+            for (int g = 0; g < 8; g++) {
+                const __m256i qg = load32(q + 32 * g);
+                const __m256i p = kind == KIND_IQ4_XS ? pairs_ss(u[g], qg) : pairs_us(u[g], qg);
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scl[g]));
+            }
+            if (S.offset) /* sum_j sc_j sum (u - offset) q = ... - offset sum_j sc_j bsum_j */
+                s = _mm256_sub_epi32(s, kind == KIND_Q6_K ? _mm256_slli_epi32(_mm256_madd_epi16(bsum, s16), 5)  /* 32 */
+                                                          : _mm256_slli_epi32(_mm256_madd_epi16(bsum, s16), 2)); /* 4 */
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(S.d * dx), _mm256_cvtepi32_ps(s), acc[t]);
+            if (sb_has_min(kind)) {
+                __m256i mins;
+                if (sb_per16(kind)) { /* Q2_K: a min per 16 */
+                    mins = _mm256_madd_epi16(bsum, m16);
+                } else { /* a min per 32: the sums of 16 in pairs */
+                    const __m128i pairs = _mm_hadd_epi16(_mm256_castsi256_si128(bsum), _mm256_extracti128_si256(bsum, 1));
+                    mins = _mm256_zextsi128_si256(_mm_madd_epi16(pairs, _mm256_castsi256_si128(m16)));
+                }
+                accm[t] = _mm256_fmadd_ps(_mm256_set1_ps(S.dmin * dx), _mm256_cvtepi32_ps(mins), accm[t]);
+            }
+        }
+    }
+    for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]) - (sb_has_min(kind) ? hsum8(accm[t]) : 0.0f);
+}
+
+/* F32, F16, BF16 against the float activations: 16 elements a step in two accumulators, the tail in order. */
+KERNEL dot_float(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, float *out) {
+    const int64_t k = X->k;
+    __m256 a0[NT], a1[NT];
+    for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        const __m256 w0 = load8_float(kind, w, i), w1 = load8_float(kind, w, i + 8);
+        for (int t = 0; t < nt; t++) {
+            const float *x = X->f + (t0 + t) * k + i;
+            a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x), a0[t]);
+            a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + 8), a1[t]);
+        }
+    }
+    if (i + 8 <= k) {
+        const __m256 w0 = load8_float(kind, w, i);
+        for (int t = 0; t < nt; t++) a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(X->f + (t0 + t) * k + i), a0[t]);
+        i += 8;
+    }
+    for (int t = 0; t < nt; t++) {
+        float s = hsum8(_mm256_add_ps(a0[t], a1[t]));
+        for (int64_t j = i; j < k; j++) s += load1_float(kind, w, j) * X->f[(t0 + t) * k + j];
+        out[t] = s;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ drivers */
+typedef void (*rows_fn)(const qmat *W, int64_t r0, int64_t r1, const acts *X, int64_t t0, int nt, float *y,
+                        int64_t ldy, int add);
+
+#define ROWS_LOOP(dot, kind, NTC)                                                                          \
+    for (int64_t r = r0; r < r1; r++) {                                                                    \
+        float out[NT];                                                                                     \
+        dot(kind, NTC, W->data + r * W->row_bytes, X, t0, out);                                            \
+        for (int t = 0; t < NTC; t++) {                                                                    \
+            float *o = y + (t0 + t) * ldy + r;                                                             \
+            *o = add ? *o + out[t] : out[t];                                                               \
+        }                                                                                                  \
+    }
+
+/* rows [r0, r1) of W against activation rows [t0, t0 + nt), one specialized loop per nt */
+#define DEFINE_ROWS(name, dot, kind)                                                                       \
+    static void name(const qmat *W, int64_t r0, int64_t r1, const acts *X, int64_t t0, int nt, float *y,   \
+                     int64_t ldy, int add) {                                                               \
+        switch (nt) {                                                                                      \
+        case 1: ROWS_LOOP(dot, kind, 1) break;                                                             \
+        case 2: ROWS_LOOP(dot, kind, 2) break;                                                             \
+        case 3: ROWS_LOOP(dot, kind, 3) break;                                                             \
+        default: ROWS_LOOP(dot, kind, 4) break;                                                            \
+        }                                                                                                  \
+    }
+
+DEFINE_ROWS(rows_f32, dot_float, KIND_F32)
+DEFINE_ROWS(rows_f16, dot_float, KIND_F16)
+DEFINE_ROWS(rows_bf16, dot_float, KIND_BF16)
+DEFINE_ROWS(rows_q4_0, dot_legacy, KIND_Q4_0)
+DEFINE_ROWS(rows_q4_1, dot_legacy, KIND_Q4_1)
+DEFINE_ROWS(rows_q5_0, dot_legacy, KIND_Q5_0)
+DEFINE_ROWS(rows_q5_1, dot_legacy, KIND_Q5_1)
+DEFINE_ROWS(rows_q8_0, dot_legacy, KIND_Q8_0)
+DEFINE_ROWS(rows_iq4_nl, dot_legacy, KIND_IQ4_NL)
+DEFINE_ROWS(rows_q2_k, dot_k, KIND_Q2_K)
+DEFINE_ROWS(rows_q3_k, dot_k, KIND_Q3_K)
+DEFINE_ROWS(rows_q4_k, dot_k, KIND_Q4_K)
+DEFINE_ROWS(rows_q5_k, dot_k, KIND_Q5_K)
+DEFINE_ROWS(rows_q6_k, dot_k, KIND_Q6_K)
+DEFINE_ROWS(rows_iq4_xs, dot_k, KIND_IQ4_XS)
+
+static rows_fn rows_for(int64_t kind) {
+    switch (kind) {
+    case KIND_F32: return rows_f32;
+    case KIND_F16: return rows_f16;
+    case KIND_BF16: return rows_bf16;
+    case KIND_Q4_0: return rows_q4_0;
+    case KIND_Q4_1: return rows_q4_1;
+    case KIND_Q5_0: return rows_q5_0;
+    case KIND_Q5_1: return rows_q5_1;
+    case KIND_Q8_0: return rows_q8_0;
+    case KIND_IQ4_NL: return rows_iq4_nl;
+    case KIND_Q2_K: return rows_q2_k;
+    case KIND_Q3_K: return rows_q3_k;
+    case KIND_Q4_K: return rows_q4_k;
+    case KIND_Q5_K: return rows_q5_k;
+    case KIND_Q6_K: return rows_q6_k;
+    case KIND_IQ4_XS: return rows_iq4_xs;
+    default: return NULL;
+    }
+}
+
+#define CHUNK 16 /* rows per work item */
+
+static inline int64_t chunks_of(const qmat *W) { return (W->rows + CHUNK - 1) / CHUNK; }
+
+static void matmul_chunks(const qmat *W, int64_t n_w, const acts *X, int64_t n, float *y, int64_t ldy, int add) {
+    int64_t chunks = 0;
+    for (int64_t i = 0; i < n_w; i++) chunks += chunks_of(&W[i]);
+    #pragma omp for schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t i = 0, cc = c, col = 0; /* chunk c is chunk cc of matrix i, whose outputs start at column col */
+        while (cc >= chunks_of(&W[i])) cc -= chunks_of(&W[i]), col += W[i].rows, i++;
+        const int64_t r0 = cc * CHUNK, r1 = r0 + CHUNK < W[i].rows ? r0 + CHUNK : W[i].rows;
+        const rows_fn f = rows_for(W[i].kind);
+        /* each group of NT activation rows reuses the chunk's weight blocks from L1 */
+        for (int64_t t0 = 0; t0 < n; t0 += NT)
+            f(&W[i], r0, r1, X, t0, (int)(n - t0 < NT ? n - t0 : NT), y + col, ldy, add);
+    }
+}
+
+void matmul_ws(const qmat *W, const acts *X, int64_t n, float *y, int64_t ldy, int add) {
+    matmul_chunks(W, 1, X, n, y, ldy, add);
+}
+
+void matmul_list_ws(const qmat *W, int64_t n_w, const acts *X, int64_t n, float *y, int64_t ldy) {
+    matmul_chunks(W, n_w, X, n, y, ldy, 0);
+}
+
+/* ----------------------------------------------------------------------------- entry points from Python */
+/* 0 if every matrix has a supported kind, k and row size that fit its blocks, and the same k; else -2. */
+static int check_mats(const qmat *W, int64_t n_w) {
+    for (int64_t i = 0; i < n_w; i++) {
+        const kind_info *ki = kind_of(W[i].kind);
+        if (!ki || W[i].k != W[0].k || W[i].k % ki->elems || W[i].row_bytes < W[i].k / ki->elems * ki->bytes)
+            return -2;
+    }
+    return 0;
+}
+
+/* y (n, sum of rows) = x (n, k) . [W_0; W_1; ...]^T: quantize x to the forms the matrices read, then the products.
+ * 0 on success, -1 out of memory, -2 a bad matrix. */
+int qmatmul(const qmat *W, int64_t n_w, const float *x, int64_t n, float *y, int64_t nthreads) {
+    if (n_w < 1 || check_mats(W, n_w)) return -2;
+    const int64_t k = W[0].k;
+    int64_t ldy = 0;
+    for (int64_t i = 0; i < n_w; i++) ldy += W[i].rows;
+    void *buf = malloc(acts_bytes(n, k) + 1);
+    if (!buf) return -1;
+    acts X;
+    acts_init(&X, buf, x, n, k);
+    const int needs = act_needs_list(W, n_w);
+    #pragma omp parallel num_threads((int)nthreads)
+    {
+        #pragma omp for schedule(static)
+        for (int64_t t = 0; t < n; t++) quantize_acts_row(&X, t, 0, k, needs);
+        matmul_list_ws(W, n_w, &X, n, y, ldy);
+    }
+    free(buf);
+    return 0;
+}
+
+/* Rows rows[0..n) of W (rows NULL: rows 0..n) as float32, or bfloat16 (rounded to nearest even) if bf16.
+ * 0 on success, -1 out of memory, -2 a bad matrix. */
+int dequant_rows(const qmat *W, const int64_t *rows, int64_t n, void *out, int64_t bf16, int64_t nthreads) {
+    if (check_mats(W, 1)) return -2;
+    const int64_t k = W->k;
+    int failed = 0;
+    #pragma omp parallel num_threads((int)nthreads) if (n * k > (1 << 16))
+    {
+        float *tmp = bf16 ? malloc((size_t)k * sizeof(float)) : NULL;
+        if (bf16 && !tmp) {
+            #pragma omp atomic write
+            failed = 1;
+        }
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            const int64_t r = rows ? rows[i] : i;
+            if (!bf16) {
+                dequant_row(W, r, (float *)out + i * k);
+            } else if (tmp) {
+                dequant_row(W, r, tmp);
+                uint16_t *o = (uint16_t *)out + i * k;
+                for (int64_t j = 0; j < k; j++) {
+                    uint32_t b;
+                    memcpy(&b, &tmp[j], 4);
+                    o[j] = (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+                }
+            }
+        }
+        free(tmp);
+    }
+    return failed ? -1 : 0;
+}
