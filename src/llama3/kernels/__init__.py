@@ -12,7 +12,8 @@ One library per instruction set, built from the same sources: ``avx2`` (AVX2 + F
 ``isa()`` says which. ``LLAMA3_NO_KERNELS=1`` disables the C library (the fallback is then used everywhere).
 
 The fallback quantizes the activations exactly as the C code does and multiplies the dequantized
-operands in float32, so the two agree up to float summation order (tests/test_kernels.py states the bound).
+operands in float64, rounding once: the exact product of the quantized operands, which the C kernels
+reach up to their float32 summation order (tests/test_kernels.py states the bound).
 """
 
 from __future__ import annotations
@@ -369,13 +370,13 @@ def _quantize_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.T
 
 
 def _matmul_fallback(qt: Blocks, x: torch.Tensor) -> torch.Tensor:
-    w = _dequantize_fallback(qt.kind, qt.data, qt.k)
+    w = _dequantize_fallback(qt.kind, qt.data, qt.k).double()
     needs = ACT_NEEDS[qt.kind]
-    if needs:  # the activations exactly as the C kernels quantize them, dequantized
+    if needs:  # the activations exactly as the C kernels quantize them, dequantized (exactly, in float64)
         block = 32 if needs == ACT_Q8 else 256
         q, d = quantize_activations(x, needs, use_c=False)["q8" if needs == ACT_Q8 else "q8k"][:2]
-        x = (q.view(x.shape[0], -1, block).float() * d[..., None]).view(x.shape)
-    return x @ w.T
+        x = (q.view(x.shape[0], -1, block).double() * d.double()[..., None]).view(x.shape)
+    return (x.double() @ w.T).float()  # the exact product of the quantized operands, rounded once
 
 
 # ------------------------------------------------------------------------ dequantization in PyTorch

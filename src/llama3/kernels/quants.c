@@ -134,6 +134,27 @@ static inline __m256i pairs_ss(__m256i v, __m256i s) {
     return _mm256_maddubs_epi16(_mm256_sign_epi8(v, v), _mm256_sign_epi8(s, v));
 }
 
+#ifdef ISA_AVX512
+/* 16 int32 lanes: sums of 4 products of signed bytes v (|v| <= 128) and s (|s| <= 127): |v| times s with v's sign */
+static inline __m512i dot_ss512(__m512i v, __m512i s) {
+    const __m512i sv = _mm512_mask_sub_epi8(s, _mm512_movepi8_mask(v), _mm512_setzero_si512(), s);
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(v), sv);
+}
+
+/* 32 int16 lanes: pairs of products of unsigned u and signed s bytes; signed v as |v| times s with v's sign */
+static inline __m512i pairs_us512(__m512i u, __m512i s) { return _mm512_maddubs_epi16(u, s); }
+static inline __m512i pairs_ss512(__m512i v, __m512i s) {
+    const __m512i sv = _mm512_mask_sub_epi8(s, _mm512_movepi8_mask(v), _mm512_setzero_si512(), s);
+    return _mm512_maddubs_epi16(_mm512_abs_epi8(v), sv);
+}
+
+static inline __m512i cat256(__m256i lo, __m256i hi) { return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1); }
+
+static inline __m256 fold512(__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+#endif
+
 static inline float hsum4(__m128 v) {
     v = _mm_add_ps(v, _mm_movehl_ps(v, v));
     v = _mm_add_ss(v, _mm_movehdup_ps(v));
@@ -226,30 +247,57 @@ static inline __m256i legacy_values(int kind, const uint8_t *blk) {
 
 static inline int legacy_has_min(int kind) { return kind == KIND_Q4_1 || kind == KIND_Q5_1; }
 
-/* The scales of a K-quant super-block, unpacked: per group of 32 (Q4_K, Q5_K, IQ4_XS) or of 16 (Q2_K, Q3_K,
- * Q6_K), with mins (Q2_K, Q4_K, Q5_K) and the offset subtracted from the stored values (Q3_K 4, Q6_K 32). */
+#ifdef ISA_AVX512
+/* Two legacy blocks' 64 values (b0's 32, then b1's), as legacy_values. */
+static inline __m512i legacy_values2(int kind, const uint8_t *b0, const uint8_t *b1) {
+    if (kind == KIND_Q8_0) return cat256(load32(b0 + 2), load32(b1 + 2));
+    const int at = kind == KIND_Q4_1 ? 4 : kind == KIND_Q5_0 ? 6 : kind == KIND_Q5_1 ? 8 : 2; /* the nibbles */
+    const __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(b0 + at))),
+                                              _mm_loadu_si128((const __m128i *)(b1 + at)), 1);
+    __m512i v = cat256(q, _mm256_srli_epi16(q, 4)); /* 128-bit lanes: low nibbles of b0, b1, high of b0, b1 */
+    v = _mm512_and_si512(_mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0)), _mm512_set1_epi8(0x0F));
+    if (kind == KIND_Q5_0 || kind == KIND_Q5_1) { /* the fifth bits: one per byte, from a 64-bit mask */
+        const uint64_t h = u32_at(b0 + at - 4) | (uint64_t)u32_at(b1 + at - 4) << 32;
+        v = _mm512_or_si512(v, _mm512_maskz_mov_epi8(_cvtu64_mask64(h), _mm512_set1_epi8(0x10)));
+    }
+    switch (kind) {
+    case KIND_Q4_0: return _mm512_sub_epi8(v, _mm512_set1_epi8(8));
+    case KIND_Q5_0: return _mm512_sub_epi8(v, _mm512_set1_epi8(16));
+    case KIND_IQ4_NL: return _mm512_shuffle_epi8(_mm512_broadcast_i32x4(_mm256_castsi256_si128(iq4_levels())), v);
+    default: return v;
+    }
+}
+#endif
+
+/* The scales of a K-quant super-block, unpacked, in registers: 16 int8 lanes, per group of 32 (Q4_K, Q5_K,
+ * IQ4_XS: lanes 0-7) or of 16 (Q2_K, Q3_K, Q6_K), with mins (Q2_K, Q4_K, Q5_K) and the offset subtracted from
+ * the stored values (Q3_K 4, Q6_K 32). */
 typedef struct {
     float d, dmin;
-    int8_t sc[16], mn[16];
+    __m128i sc, mn;
     int offset;
 } sb_scales;
 
-/* Q4_K/Q5_K's 12 bytes of 6-bit scales and mins: bytes 0-3 hold scales 0-3 (and the top bits of scales 4-7
- * in bits 6-7), bytes 4-7 mins 0-3 (and the top bits of mins 4-7), bytes 8-11 the low nibbles of scales 4-7
- * and, in their high nibbles, of mins 4-7. */
-static inline void k4_scales(const uint8_t *p, int8_t *sc, int8_t *mn) {
-    const uint32_t a = u32_at(p), b = u32_at(p + 4), c = u32_at(p + 8);
-    const uint32_t s[2] = {a & 0x3f3f3f3f, (c & 0x0f0f0f0f) | ((a >> 2) & 0x30303030)};
-    const uint32_t m[2] = {b & 0x3f3f3f3f, ((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030)};
-    memcpy(sc, s, 8);
-    memcpy(mn, m, 8);
+/* Q4_K/Q5_K's 12 bytes of 6-bit scales and mins, as 32-bit words a, b, c: a holds scales 0-3 (and in bits 6-7
+ * of each byte the top bits of scales 4-7), b mins 0-3 (and the top bits of mins 4-7), c the low nibbles of
+ * scales 4-7 and, in its high nibbles, of mins 4-7. Result: bytes 0-7 scales, 8-15 mins. */
+static inline __m128i k4_scales(const uint8_t *p) {
+    const __m128i v = _mm_setr_epi32((int)u32_at(p), (int)u32_at(p + 4), (int)u32_at(p + 8), 0);
+    const __m128i acbc = _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0)), aabb = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0));
+    const __m128i low = _mm_and_si128(_mm_srlv_epi32(acbc, _mm_setr_epi32(0, 0, 0, 4)),
+                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
+    const __m128i top = _mm_and_si128(_mm_srli_epi32(aabb, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
+    return _mm_or_si128(low, top); /* words: scales 0-3, scales 4-7, mins 0-3, mins 4-7 */
 }
 
 /* A super-block's 256 values as 8 groups of 32 bytes (group g = elements 32g .. 32g+31): unsigned 0..2^bits-1
  * (the offset and mins are applied through the scales), or signed levels for IQ4_XS; and its scales. */
 static inline void sb_decode(int kind, const uint8_t *blk, __m256i *u, sb_scales *S) {
     const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), one = _mm256_set1_epi8(1);
+    const __m128i nib = _mm_set1_epi8(0x0F);
     S->offset = 0;
+    S->dmin = 0.0f;
+    S->mn = _mm_setzero_si128();
     switch (kind) {
     case KIND_Q4_K:   /* d, dmin, scales[12], qs[128]: byte i of qs chunk c: element 64c+i (low), 64c+32+i (high) */
     case KIND_Q5_K: { /* d, dmin, scales[12], qh[32], qs[128]: bit g of qh[i] is the fifth bit of element 32g+i */
@@ -265,7 +313,8 @@ static inline void sb_decode(int kind, const uint8_t *blk, __m256i *u, sb_scales
                 u[g] = _mm256_or_si256(u[g], _mm256_slli_epi16(_mm256_and_si256(h, one), 4));
         }
         S->d = f16_at(blk), S->dmin = f16_at(blk + 2);
-        k4_scales(blk + 4, S->sc, S->mn);
+        S->sc = k4_scales(blk + 4);
+        S->mn = _mm_srli_si128(S->sc, 8);
         break;
     }
     case KIND_Q6_K: { /* ql[128], qh[64], scales[16] (int8), d; per half h of 128 elements, bytes i < 32 of ql
@@ -282,8 +331,8 @@ static inline void sb_decode(int kind, const uint8_t *blk, __m256i *u, sb_scales
             u[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), hi2);
             u[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), hi3);
         }
-        memcpy(S->sc, blk + 192, 16);
-        S->d = f16_at(blk + 208), S->dmin = 0.0f, S->offset = 32;
+        S->sc = _mm_loadu_si128((const __m128i *)(blk + 192));
+        S->d = f16_at(blk + 208), S->offset = 32;
         break;
     }
     case KIND_Q3_K: { /* hmask[32], qs[64], scales[12], d: element 128h + 32s + i has bits 2s, 2s+1 of qs[32h + i]
@@ -297,13 +346,12 @@ static inline void sb_decode(int kind, const uint8_t *blk, __m256i *u, sb_scales
         }
         /* 16 6-bit scales - 32: low nibbles in bytes 0-7 (scales 0-7, then their high nibbles scales 8-15), the top
            two bits in bytes 8-11 (scale i: byte 8 + i % 4, bits 2 (i / 4)) */
-        const uint32_t a0 = u32_at(blk + 96), a1 = u32_at(blk + 100), a2 = u32_at(blk + 104);
-        const uint32_t w[4] = {(a0 & 0x0f0f0f0f) | ((a2 & 0x03030303) << 4),
-                               (a1 & 0x0f0f0f0f) | (((a2 >> 2) & 0x03030303) << 4),
-                               ((a0 >> 4) & 0x0f0f0f0f) | (((a2 >> 4) & 0x03030303) << 4),
-                               ((a1 >> 4) & 0x0f0f0f0f) | (((a2 >> 6) & 0x03030303) << 4)};
-        _mm_storeu_si128((__m128i *)S->sc, _mm_sub_epi8(_mm_loadu_si128((const __m128i *)w), _mm_set1_epi8(32)));
-        S->d = f16_at(blk + 108), S->dmin = 0.0f, S->offset = 4;
+        const __m128i lo8 = _mm_loadl_epi64((const __m128i *)(blk + 96));
+        const __m128i low = _mm_unpacklo_epi64(_mm_and_si128(lo8, nib), _mm_and_si128(_mm_srli_epi16(lo8, 4), nib));
+        const __m128i top = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)u32_at(blk + 104)), _mm_setr_epi32(0, 2, 4, 6)),
+                                          _mm_set1_epi8(3));
+        S->sc = _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi16(top, 4)), _mm_set1_epi8(32));
+        S->d = f16_at(blk + 108), S->offset = 4;
         break;
     }
     case KIND_Q2_K: { /* scales[16] (scale | min << 4), qs[64], d, dmin: element 128h + 32s + i is bits 2s, 2s+1 of
@@ -313,8 +361,8 @@ static inline void sb_decode(int kind, const uint8_t *blk, __m256i *u, sb_scales
             for (int s = 0; s < 4; s++, q = _mm256_srli_epi16(q, 2)) u[4 * h + s] = _mm256_and_si256(q, low2);
         }
         const __m128i sm = _mm_loadu_si128((const __m128i *)blk);
-        _mm_storeu_si128((__m128i *)S->sc, _mm_and_si128(sm, _mm_set1_epi8(0x0F)));
-        _mm_storeu_si128((__m128i *)S->mn, _mm_and_si128(_mm_srli_epi16(sm, 4), _mm_set1_epi8(0x0F)));
+        S->sc = _mm_and_si128(sm, nib);
+        S->mn = _mm_and_si128(_mm_srli_epi16(sm, 4), nib);
         S->d = f16_at(blk + 80), S->dmin = f16_at(blk + 82);
         break;
     }
@@ -322,10 +370,15 @@ static inline void sb_decode(int kind, const uint8_t *blk, __m256i *u, sb_scales
                   group, as IQ4_NL's blocks) */
         const __m256i levels = iq4_levels();
         for (int g = 0; g < 8; g++) u[g] = _mm256_shuffle_epi8(levels, nibbles32(blk + 8 + 16 * g));
-        const unsigned sh = (unsigned)blk[2] | (unsigned)blk[3] << 8;
-        for (int g = 0; g < 8; g++)
-            S->sc[g] = (int8_t)((((blk[4 + g / 2] >> (4 * (g % 2))) & 0x0F) | (((sh >> (2 * g)) & 3) << 4)) - 32);
-        S->d = f16_at(blk), S->dmin = 0.0f;
+        const __m128i l4 = _mm_cvtsi32_si128((int)u32_at(blk + 4)); /* group g: byte g/2, nibble g%2 */
+        const __m128i low = _mm_unpacklo_epi8(_mm_and_si128(l4, nib), _mm_and_si128(_mm_srli_epi16(l4, 4), nib));
+        const __m128i h = _mm_set1_epi32(blk[2] | blk[3] << 8); /* group g: bits 2g, 2g+1 */
+        const __m128i three = _mm_set1_epi32(3);
+        const __m128i h03 = _mm_and_si128(_mm_srlv_epi32(h, _mm_setr_epi32(0, 2, 4, 6)), three);
+        const __m128i h47 = _mm_and_si128(_mm_srlv_epi32(h, _mm_setr_epi32(8, 10, 12, 14)), three);
+        const __m128i top = _mm_packus_epi16(_mm_packus_epi32(h03, h47), _mm_setzero_si128());
+        S->sc = _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi16(top, 4)), _mm_set1_epi8(32));
+        S->d = f16_at(blk);
         break;
     }
     }
@@ -361,13 +414,16 @@ static inline void dequant_k(int kind, const uint8_t *w, int64_t k, float *out) 
         __m256i u[8];
         sb_scales S;
         sb_decode(kind, w + sb * bs, u, &S);
+        int8_t sc[16], mn[16];
+        _mm_storeu_si128((__m128i *)sc, S.sc);
+        _mm_storeu_si128((__m128i *)mn, S.mn);
         for (int g = 0; g < 8; g++) {
             const __m256i v = _mm256_sub_epi8(u[g], _mm256_set1_epi8((char)S.offset));
             for (int half = 0; half < 2; half++) {
                 const int j = sb_per16(kind) ? 2 * g + half : g;
-                const float ml = sb_has_min(kind) ? S.dmin * (float)S.mn[j] : 0.0f;
+                const float ml = sb_has_min(kind) ? S.dmin * (float)mn[j] : 0.0f;
                 const __m128i v16 = half ? _mm256_extracti128_si256(v, 1) : _mm256_castsi256_si128(v);
-                store16(v16, S.d * (float)S.sc[j], ml, out + sb * QK_K + 32 * g + 16 * half);
+                store16(v16, S.d * (float)sc[j], ml, out + sb * QK_K + 32 * g + 16 * half);
             }
         }
     }
@@ -432,6 +488,21 @@ static inline __m256 load_first(const float *p, int m) {
     return _mm256_maskload_ps(p, lanes);
 }
 
+/* The first 4 bytes of blocks 0 .. m-1 (m <= 8, bs bytes apart) as 8 int32 lanes, 0 past m. */
+static inline __m256i gather_heads(const uint8_t *p, int64_t bs, int m) {
+    const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)bs));
+    if (m == 8) return _mm256_i32gather_epi32((const int *)p, at, 1);
+    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)p, at, lanes, 1);
+}
+
+/* The low 16 bits of 8 int32 lanes as 8 int16. */
+static inline __m128i low_halves(__m256i v) {
+    const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
+    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, pick), 0x08));
+}
+
 /* Legacy kinds, 8 blocks at a time: their 8 scale products d_w d_x in one multiply, then per block
  * acc += (d_w d_x) * (block's integer dot, as 8 partial sums); blocks alternate between two accumulators. */
 KERNEL dot_legacy(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, float *out) {
@@ -439,22 +510,37 @@ KERNEL dot_legacy(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0,
     const int has_min = legacy_has_min(kind);
     __m256 a0[NT], a1[NT], am[NT];
     for (int t = 0; t < nt; t++) a0[t] = a1[t] = am[t] = _mm256_setzero_ps();
+#ifdef ISA_AVX512
+    __m512 a2[NT];
+    for (int t = 0; t < nt; t++) a2[t] = _mm512_setzero_ps();
+#endif
     for (int64_t b = 0; b < nb; b += 8) {
         const int m = nb - b < 8 ? (int)(nb - b) : 8;
-        uint16_t dh[8] = {0}, mh[8] = {0};
-        for (int j = 0; j < m; j++) {
-            memcpy(&dh[j], w + (b + j) * bs, 2);
-            if (has_min) memcpy(&mh[j], w + (b + j) * bs + 2, 2);
-        }
-        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)dh));
+        /* the first 4 bytes of each of the 8 blocks: d (and m) as float16 */
+        const __m256i head = gather_heads(w + b * bs, bs, m);
+        const __m256 dw = _mm256_cvtph_ps(low_halves(head));
         __m256 sc[NT];
         for (int t = 0; t < nt; t++) {
             sc[t] = _mm256_mul_ps(dw, load_first(X->d8 + (t0 + t) * nb + b, m));
             if (has_min) /* the offset m_w times the activations' d_x sum(q) */
-                am[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)mh)),
+                am[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(low_halves(_mm256_srli_epi32(head, 16))),
                                         load_first(X->s8 + (t0 + t) * nb + b, m), am[t]);
         }
-        for (int j = 0; j < m; j++) {
+        int j = 0;
+#ifdef ISA_AVX512
+        for (; j + 2 <= m; j += 2) { /* two blocks per 512-bit vector */
+            const __m512i v = legacy_values2(kind, w + (b + j) * bs, w + (b + j + 1) * bs);
+            const __m512i pick = _mm512_add_epi32(_mm512_set1_epi32(j), _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1,
+                                                                                         1, 1, 1, 1, 1));
+            for (int t = 0; t < nt; t++) {
+                const __m512i q = _mm512_loadu_si512(X->q8 + (t0 + t) * k + (b + j) * QK);
+                const __m512i p = has_min ? _mm512_dpbusd_epi32(_mm512_setzero_si512(), v, q) : dot_ss512(v, q);
+                const __m512 s = _mm512_permutexvar_ps(pick, _mm512_castps256_ps512(sc[t]));
+                a2[t] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(p), a2[t]);
+            }
+        }
+#endif
+        for (; j < m; j++) {
             const __m256i v = legacy_values(kind, w + (b + j) * bs);
             for (int t = 0; t < nt; t++) {
                 const __m256i q = load32(X->q8 + (t0 + t) * k + (b + j) * QK);
@@ -465,6 +551,9 @@ KERNEL dot_legacy(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0,
             }
         }
     }
+#ifdef ISA_AVX512
+    for (int t = 0; t < nt; t++) a1[t] = _mm256_add_ps(a1[t], fold512(a2[t]));
+#endif
     for (int t = 0; t < nt; t++) out[t] = hsum8(_mm256_add_ps(a0[t], a1[t])) + (has_min ? hsum8(am[t]) : 0.0f);
 }
 
@@ -480,7 +569,7 @@ KERNEL dot_k(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, floa
         sb_scales S;
         sb_decode(kind, w + sb * bs, u, &S);
         /* scl[g]: the 16-bit scale of each pair-product lane of group g (lanes 0-7 are elements 0-15) */
-        const __m256i s16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)S.sc));
+        const __m256i s16 = _mm256_cvtepi8_epi16(S.sc);
         if (sb_per16(kind)) {
             const __m256i lo = _mm256_permute2x128_si256(s16, s16, 0x00), hi = _mm256_permute2x128_si256(s16, s16, 0x11);
             for (int g = 0; g < 4; g++) {
@@ -493,19 +582,34 @@ KERNEL dot_k(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, floa
                 scl[g + 4] = _mm256_shuffle_epi8(hi, pick);
             }
         } else {
-            for (int g = 0; g < 8; g++) scl[g] = _mm256_set1_epi16(S.sc[g]);
+            const __m256i lo = _mm256_permute2x128_si256(s16, s16, 0x00);
+            for (int g = 0; g < 8; g++) scl[g] = _mm256_shuffle_epi8(lo, _mm256_set1_epi16((short)(0x0100 + 0x0202 * g)));
         }
-        const __m256i m16 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)S.mn));
+        const __m256i m16 = _mm256_cvtepi8_epi16(S.mn);
+#ifdef ISA_AVX512
+        __m512i u2[4], scl2[4]; /* groups 2c and 2c + 1 in one vector */
+        for (int c = 0; c < 4; c++) u2[c] = cat256(u[2 * c], u[2 * c + 1]), scl2[c] = cat256(scl[2 * c], scl[2 * c + 1]);
+#endif
         for (int t = 0; t < nt; t++) {
             const int8_t *q = X->qk + (t0 + t) * k + sb * QK_K;
             const __m256i bsum = load32(X->bk + (t0 + t) * (k / 16) + sb * (QK_K / 16)); /* 16 sums of 16 */
             const float dx = X->dk[(t0 + t) * nsb + sb];
+#ifdef ISA_AVX512
+            __m512i s2 = _mm512_setzero_si512();
+            for (int c = 0; c < 4; c++) {
+                const __m512i qc = _mm512_loadu_si512(q + 64 * c);
+                const __m512i p = kind == KIND_IQ4_XS ? pairs_ss512(u2[c], qc) : pairs_us512(u2[c], qc);
+                s2 = _mm512_add_epi32(s2, _mm512_madd_epi16(p, scl2[c]));
+            }
+            __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(s2), _mm512_extracti64x4_epi64(s2, 1));
+#else
             __m256i s = _mm256_setzero_si256();
             for (int g = 0; g < 8; g++) {
                 const __m256i qg = load32(q + 32 * g);
                 const __m256i p = kind == KIND_IQ4_XS ? pairs_ss(u[g], qg) : pairs_us(u[g], qg);
                 s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scl[g]));
             }
+#endif
             if (S.offset) /* sum_j sc_j sum (u - offset) q = ... - offset sum_j sc_j bsum_j */
                 s = _mm256_sub_epi32(s, kind == KIND_Q6_K ? _mm256_slli_epi32(_mm256_madd_epi16(bsum, s16), 5)  /* 32 */
                                                           : _mm256_slli_epi32(_mm256_madd_epi16(bsum, s16), 2)); /* 4 */
@@ -526,11 +630,33 @@ KERNEL dot_k(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, floa
 }
 
 /* F32, F16, BF16 against the float activations: 16 elements a step in two accumulators, the tail in order. */
+#ifdef ISA_AVX512
+static inline __m512 load16_float(int kind, const uint8_t *w, int64_t i) {
+    if (kind == KIND_F32) return _mm512_loadu_ps((const float *)w + i);
+    const __m256i h = load32(w + 2 * i);
+    if (kind == KIND_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
+
 KERNEL dot_float(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, float *out) {
     const int64_t k = X->k;
     __m256 a0[NT], a1[NT];
     for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm256_setzero_ps();
     int64_t i = 0;
+#ifdef ISA_AVX512
+    __m512 b0[NT], b1[NT]; /* 32 elements a step */
+    for (int t = 0; t < nt; t++) b0[t] = b1[t] = _mm512_setzero_ps();
+    for (; i + 32 <= k; i += 32) {
+        const __m512 w0 = load16_float(kind, w, i), w1 = load16_float(kind, w, i + 16);
+        for (int t = 0; t < nt; t++) {
+            const float *x = X->f + (t0 + t) * k + i;
+            b0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x), b0[t]);
+            b1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + 16), b1[t]);
+        }
+    }
+    for (int t = 0; t < nt; t++) a0[t] = fold512(_mm512_add_ps(b0[t], b1[t]));
+#endif
     for (; i + 16 <= k; i += 16) {
         const __m256 w0 = load8_float(kind, w, i), w1 = load8_float(kind, w, i + 8);
         for (int t = 0; t < nt; t++) {
