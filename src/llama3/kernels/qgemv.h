@@ -9,13 +9,15 @@
 #define QK 32    /* elements per block of the legacy formats (Q4_0 ... Q8_0, IQ4_NL) and of Q8 activations */
 #define QK_K 256 /* elements per super-block of the K-quants and IQ4_XS, and of Q8_K activations */
 
-/* Weight kinds: GGML's type ids (ggml.h's enum ggml_type; gguf-py's GGMLQuantizationType). The Python side
- * checks these ids and the block sizes of kinds_table() against gguf-py when it loads the library. */
-enum {
-    KIND_F32 = 0, KIND_F16 = 1, KIND_Q4_0 = 2, KIND_Q4_1 = 3, KIND_Q5_0 = 6, KIND_Q5_1 = 7, KIND_Q8_0 = 8,
-    KIND_Q2_K = 10, KIND_Q3_K = 11, KIND_Q4_K = 12, KIND_Q5_K = 13, KIND_Q6_K = 14, KIND_IQ4_NL = 20,
-    KIND_IQ4_XS = 23, KIND_BF16 = 30,
-};
+/* Weight kinds, defined once: X(name, GGML type id (ggml.h's enum ggml_type, gguf-py's GGMLQuantizationType),
+ * values per block, bytes per block). The Python side checks them against gguf-py when it loads the library. */
+#define GGML_KINDS(X)                                                                                          \
+    X(F32, 0, 1, 4) X(F16, 1, 1, 2) X(BF16, 30, 1, 2) X(Q4_0, 2, 32, 18) X(Q4_1, 3, 32, 20) X(Q5_0, 6, 32, 22)  \
+    X(Q5_1, 7, 32, 24) X(Q8_0, 8, 32, 34) X(Q2_K, 10, 256, 84) X(Q3_K, 11, 256, 110) X(Q4_K, 12, 256, 144)     \
+    X(Q5_K, 13, 256, 176) X(Q6_K, 14, 256, 210) X(IQ4_NL, 20, 32, 18) X(IQ4_XS, 23, 256, 136)
+
+#define KIND_ENUM(name, id, elems, bytes) KIND_##name = id,
+enum { GGML_KINDS(KIND_ENUM) };
 
 /* A weight matrix (rows, k): each row is k / block_elems blocks exactly as a GGUF file stores them
  * (row_bytes apart; for F32/F16/BF16 a block is one value). */

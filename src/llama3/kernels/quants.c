@@ -36,14 +36,15 @@ typedef struct {
     int64_t id, elems, bytes; /* a block: elems values in bytes bytes */
 } kind_info;
 
-static const kind_info KINDS[] = {
-    {"F32", KIND_F32, 1, 4},          {"F16", KIND_F16, 1, 2},          {"BF16", KIND_BF16, 1, 2},
-    {"Q4_0", KIND_Q4_0, QK, 18},      {"Q4_1", KIND_Q4_1, QK, 20},      {"Q5_0", KIND_Q5_0, QK, 22},
-    {"Q5_1", KIND_Q5_1, QK, 24},      {"Q8_0", KIND_Q8_0, QK, 34},      {"Q2_K", KIND_Q2_K, QK_K, 84},
-    {"Q3_K", KIND_Q3_K, QK_K, 110},   {"Q4_K", KIND_Q4_K, QK_K, 144},   {"Q5_K", KIND_Q5_K, QK_K, 176},
-    {"Q6_K", KIND_Q6_K, QK_K, 210},   {"IQ4_NL", KIND_IQ4_NL, QK, 18},  {"IQ4_XS", KIND_IQ4_XS, QK_K, 136},
-};
+#define KIND_ROW(name, id, elems, bytes) {#name, id, elems, bytes},
+static const kind_info KINDS[] = {GGML_KINDS(KIND_ROW)};
 #define N_KINDS ((int)(sizeof(KINDS) / sizeof(KINDS[0])))
+
+/* A block's bytes (a constant where kind is one). */
+#define KIND_BYTES(name, id, elems, bytes) case id: return bytes;
+static inline int64_t block_bytes(int64_t kind) {
+    switch (kind) { GGML_KINDS(KIND_BYTES) default: return 0; }
+}
 
 static const kind_info *kind_of(int64_t id) {
     for (int i = 0; i < N_KINDS; i++)
@@ -269,107 +270,66 @@ static inline __m512i legacy_values2(int kind, const uint8_t *b0, const uint8_t 
 }
 #endif
 
-/* The scales of a K-quant super-block, unpacked, in registers: 16 int8 lanes, per group of 32 (Q4_K, Q5_K,
- * IQ4_XS: lanes 0-7) or of 16 (Q2_K, Q3_K, Q6_K), with mins (Q2_K, Q4_K, Q5_K) and the offset subtracted from
- * the stored values (Q3_K 4, Q6_K 32). */
+
+static inline int sb_per16(int kind) { return kind == KIND_Q2_K || kind == KIND_Q3_K || kind == KIND_Q6_K; }
+static inline int sb_has_min(int kind) { return kind == KIND_Q2_K || kind == KIND_Q4_K || kind == KIND_Q5_K; }
+
+/* A K-quant super-block being read, two groups of 32 at a time (group g = elements 32g .. 32g+31): its scales
+ * unpacked in registers, 16 int8 lanes per group of 32 (Q4_K, Q5_K, IQ4_XS: lanes 0-7) or of 16 (Q2_K, Q3_K,
+ * Q6_K), with mins (Q2_K, Q4_K, Q5_K) and the offset subtracted from the stored values (Q3_K 4, Q6_K 32); and
+ * the high bits (Q5_K's qh, Q3_K's hmask) shifted along as the groups go by. */
 typedef struct {
     float d, dmin;
     __m128i sc, mn;
+    __m256i s16; /* the scales as int16 */
+    __m256i high;
     int offset;
-} sb_scales;
+} sb_state;
 
 /* Q4_K/Q5_K's 12 bytes of 6-bit scales and mins, as 32-bit words a, b, c: a holds scales 0-3 (and in bits 6-7
  * of each byte the top bits of scales 4-7), b mins 0-3 (and the top bits of mins 4-7), c the low nibbles of
  * scales 4-7 and, in its high nibbles, of mins 4-7. Result: bytes 0-7 scales, 8-15 mins. */
-static inline __m128i k4_scales(const uint8_t *p) {
-    const __m128i v = _mm_setr_epi32((int)u32_at(p), (int)u32_at(p + 4), (int)u32_at(p + 8), 0);
-    const __m128i acbc = _mm_shuffle_epi32(v, _MM_SHUFFLE(2, 1, 2, 0)), aabb = _mm_shuffle_epi32(v, _MM_SHUFFLE(1, 1, 0, 0));
-    const __m128i low = _mm_and_si128(_mm_srlv_epi32(acbc, _mm_setr_epi32(0, 0, 0, 4)),
-                                      _mm_setr_epi32(0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f));
-    const __m128i top = _mm_and_si128(_mm_srli_epi32(aabb, 2), _mm_setr_epi32(0, 0x30303030, 0, 0x30303030));
-    return _mm_or_si128(low, top); /* words: scales 0-3, scales 4-7, mins 0-3, mins 4-7 */
+static inline __m128i k4_scales(const uint8_t *p) { /* in general-purpose registers: the vector ports are busier */
+    const uint32_t a = u32_at(p), b = u32_at(p + 4), c = u32_at(p + 8);
+    return _mm_setr_epi32((int)(a & 0x3f3f3f3f), (int)((c & 0x0f0f0f0f) | ((a >> 2) & 0x30303030)),
+                          (int)(b & 0x3f3f3f3f), (int)(((c >> 4) & 0x0f0f0f0f) | ((b >> 2) & 0x30303030)));
 }
 
-/* A super-block's 256 values as 8 groups of 32 bytes (group g = elements 32g .. 32g+31): unsigned 0..2^bits-1
- * (the offset and mins are applied through the scales), or signed levels for IQ4_XS; and its scales. */
-static inline void sb_decode(int kind, const uint8_t *blk, __m256i *u, sb_scales *S) {
-    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), one = _mm256_set1_epi8(1);
+static inline void sb_begin(int kind, const uint8_t *blk, sb_state *S) {
     const __m128i nib = _mm_set1_epi8(0x0F);
-    S->offset = 0;
-    S->dmin = 0.0f;
-    S->mn = _mm_setzero_si128();
+    S->offset = 0, S->dmin = 0.0f, S->mn = _mm_setzero_si128(), S->high = _mm256_setzero_si256();
     switch (kind) {
-    case KIND_Q4_K:   /* d, dmin, scales[12], qs[128]: byte i of qs chunk c: element 64c+i (low), 64c+32+i (high) */
-    case KIND_Q5_K: { /* d, dmin, scales[12], qh[32], qs[128]: bit g of qh[i] is the fifth bit of element 32g+i */
-        const uint8_t *qs = blk + (kind == KIND_Q4_K ? 16 : 48);
-        for (int c = 0; c < 4; c++) {
-            const __m256i q = load32(qs + 32 * c);
-            u[2 * c] = _mm256_and_si256(q, low4);
-            u[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
-        }
-        if (kind == KIND_Q5_K) {
-            __m256i h = load32(blk + 16);
-            for (int g = 0; g < 8; g++, h = _mm256_srli_epi16(h, 1))
-                u[g] = _mm256_or_si256(u[g], _mm256_slli_epi16(_mm256_and_si256(h, one), 4));
-        }
+    case KIND_Q4_K: /* d, dmin, scales[12], qs[128] */
+    case KIND_Q5_K: /* d, dmin, scales[12], qh[32], qs[128] */
         S->d = f16_at(blk), S->dmin = f16_at(blk + 2);
         S->sc = k4_scales(blk + 4);
         S->mn = _mm_srli_si128(S->sc, 8);
+        if (kind == KIND_Q5_K) S->high = load32(blk + 16);
         break;
-    }
-    case KIND_Q6_K: { /* ql[128], qh[64], scales[16] (int8), d; per half h of 128 elements, bytes i < 32 of ql
-                         (L0, L1 = its two 32-byte rows) and qh: element 128h + 32s + i takes L(s%2) nibble s/2
-                         and bits 2s, 2s+1 of qh */
-        for (int h = 0; h < 2; h++) {
-            const __m256i l0 = load32(blk + 64 * h), l1 = load32(blk + 64 * h + 32), q = load32(blk + 128 + 32 * h);
-            const __m256i hi0 = _mm256_slli_epi16(_mm256_and_si256(q, low2), 4);
-            const __m256i hi1 = _mm256_slli_epi16(_mm256_and_si256(q, _mm256_set1_epi8(0x0C)), 2);
-            const __m256i hi2 = _mm256_and_si256(q, _mm256_set1_epi8(0x30));
-            const __m256i hi3 = _mm256_srli_epi16(_mm256_and_si256(q, _mm256_set1_epi8((char)0xC0)), 2);
-            u[4 * h + 0] = _mm256_or_si256(_mm256_and_si256(l0, low4), hi0);
-            u[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, low4), hi1);
-            u[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), low4), hi2);
-            u[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), low4), hi3);
-        }
+    case KIND_Q6_K: /* ql[128], qh[64], scales[16] (int8), d */
         S->sc = _mm_loadu_si128((const __m128i *)(blk + 192));
         S->d = f16_at(blk + 208), S->offset = 32;
         break;
-    }
-    case KIND_Q3_K: { /* hmask[32], qs[64], scales[12], d: element 128h + 32s + i has bits 2s, 2s+1 of qs[32h + i]
-                         and, as its third bit, bit (4h + s) of hmask[i]; stored value = that - 4 */
-        __m256i m = load32(blk);
-        for (int h = 0; h < 2; h++) {
-            __m256i q = load32(blk + 32 + 32 * h);
-            for (int s = 0; s < 4; s++, q = _mm256_srli_epi16(q, 2), m = _mm256_srli_epi16(m, 1))
-                u[4 * h + s] = _mm256_or_si256(_mm256_and_si256(q, low2),
-                                               _mm256_slli_epi16(_mm256_and_si256(m, one), 2));
-        }
-        /* 16 6-bit scales - 32: low nibbles in bytes 0-7 (scales 0-7, then their high nibbles scales 8-15), the top
-           two bits in bytes 8-11 (scale i: byte 8 + i % 4, bits 2 (i / 4)) */
+    case KIND_Q3_K: { /* hmask[32], qs[64], scales[12], d. 16 6-bit scales - 32: low nibbles in bytes 0-7 (scales
+                         0-7, then their high nibbles scales 8-15), the top two bits in bytes 8-11 (scale i: byte
+                         8 + i % 4, bits 2 (i / 4)) */
         const __m128i lo8 = _mm_loadl_epi64((const __m128i *)(blk + 96));
         const __m128i low = _mm_unpacklo_epi64(_mm_and_si128(lo8, nib), _mm_and_si128(_mm_srli_epi16(lo8, 4), nib));
         const __m128i top = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)u32_at(blk + 104)), _mm_setr_epi32(0, 2, 4, 6)),
                                           _mm_set1_epi8(3));
         S->sc = _mm_sub_epi8(_mm_or_si128(low, _mm_slli_epi16(top, 4)), _mm_set1_epi8(32));
         S->d = f16_at(blk + 108), S->offset = 4;
+        S->high = load32(blk);
         break;
     }
-    case KIND_Q2_K: { /* scales[16] (scale | min << 4), qs[64], d, dmin: element 128h + 32s + i is bits 2s, 2s+1 of
-                         qs[32h + i] */
-        for (int h = 0; h < 2; h++) {
-            __m256i q = load32(blk + 16 + 32 * h);
-            for (int s = 0; s < 4; s++, q = _mm256_srli_epi16(q, 2)) u[4 * h + s] = _mm256_and_si256(q, low2);
-        }
+    case KIND_Q2_K: { /* scales[16] (scale | min << 4), qs[64], d, dmin */
         const __m128i sm = _mm_loadu_si128((const __m128i *)blk);
         S->sc = _mm_and_si128(sm, nib);
         S->mn = _mm_and_si128(_mm_srli_epi16(sm, 4), nib);
         S->d = f16_at(blk + 80), S->dmin = f16_at(blk + 82);
         break;
     }
-    default: { /* IQ4_XS: d, scales_h (2 bits per group), scales_l[4] (4 bits per group), qs[128] (16 bytes per
-                  group, as IQ4_NL's blocks) */
-        const __m256i levels = iq4_levels();
-        for (int g = 0; g < 8; g++) u[g] = _mm256_shuffle_epi8(levels, nibbles32(blk + 8 + 16 * g));
+    default: { /* IQ4_XS: d, scales_h (2 bits per group), scales_l[4] (4 bits per group), qs[128] */
         const __m128i l4 = _mm_cvtsi32_si128((int)u32_at(blk + 4)); /* group g: byte g/2, nibble g%2 */
         const __m128i low = _mm_unpacklo_epi8(_mm_and_si128(l4, nib), _mm_and_si128(_mm_srli_epi16(l4, 4), nib));
         const __m128i h = _mm_set1_epi32(blk[2] | blk[3] << 8); /* group g: bits 2g, 2g+1 */
@@ -382,10 +342,96 @@ static inline void sb_decode(int kind, const uint8_t *blk, __m256i *u, sb_scales
         break;
     }
     }
+    S->s16 = _mm256_cvtepi8_epi16(S->sc);
 }
 
-static inline int sb_per16(int kind) { return kind == KIND_Q2_K || kind == KIND_Q3_K || kind == KIND_Q6_K; }
-static inline int sb_has_min(int kind) { return kind == KIND_Q2_K || kind == KIND_Q4_K || kind == KIND_Q5_K; }
+static inline __m256i srl16(__m256i v, int n) { return _mm256_srl_epi16(v, _mm_cvtsi32_si128(n)); }
+
+/* Groups 2c and 2c+1 of the super-block as 32 bytes each: unsigned 0..2^bits-1, or IQ4_XS's signed levels.
+ * Call for c = 0, 1, 2, 3 in order (the high bits shift along in S). */
+static inline void sb_pair(int kind, const uint8_t *blk, int c, sb_state *S, __m256i *u0, __m256i *u1) {
+    const __m256i low4 = _mm256_set1_epi8(0x0F), low2 = _mm256_set1_epi8(0x03), one = _mm256_set1_epi8(1);
+    switch (kind) {
+    case KIND_Q4_K:   /* byte i of qs row c: element 64c + i (low nibble), 64c + 32 + i (high) */
+    case KIND_Q5_K: { /* and bit g of qh[i] is the fifth bit of element 32g + i */
+        const __m256i q = load32(blk + (kind == KIND_Q4_K ? 16 : 48) + 32 * c);
+        *u0 = _mm256_and_si256(q, low4);
+        *u1 = _mm256_and_si256(_mm256_srli_epi16(q, 4), low4);
+        if (kind == KIND_Q5_K) {
+            *u0 = _mm256_or_si256(*u0, _mm256_slli_epi16(_mm256_and_si256(S->high, one), 4));
+            *u1 = _mm256_or_si256(*u1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(S->high, 1), one), 4));
+            S->high = _mm256_srli_epi16(S->high, 2);
+        }
+        break;
+    }
+    case KIND_Q6_K: { /* half h = c/2 of 128 elements: rows L0, L1 of its 64 ql bytes, its 32 qh bytes H; element
+                         128h + 32s + i (s < 4) takes nibble s/2 of L(s%2)[i] and bits 2s, 2s+1 of H[i] */
+        const int h = c >> 1, sh = 4 * (c & 1);
+        const __m256i l0 = load32(blk + 64 * h), l1 = load32(blk + 64 * h + 32);
+        const __m256i hb = srl16(load32(blk + 128 + 32 * h), sh);
+        *u0 = _mm256_or_si256(_mm256_and_si256(srl16(l0, sh), low4), _mm256_slli_epi16(_mm256_and_si256(hb, low2), 4));
+        *u1 = _mm256_or_si256(_mm256_and_si256(srl16(l1, sh), low4),
+                              _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), low2), 4));
+        break;
+    }
+    case KIND_Q3_K:   /* element 128h + 32s + i: bits 2s, 2s+1 of qs[32h + i], third bit = bit (4h + s) of hmask[i] */
+    case KIND_Q2_K: { /* element 128h + 32s + i: bits 2s, 2s+1 of qs[32h + i] */
+        const int sh = 4 * (c & 1);
+        const __m256i q = srl16(load32(blk + (kind == KIND_Q3_K ? 32 : 16) + 32 * (c >> 1)), sh);
+        *u0 = _mm256_and_si256(q, low2);
+        *u1 = _mm256_and_si256(_mm256_srli_epi16(q, 2), low2);
+        if (kind == KIND_Q3_K) {
+            *u0 = _mm256_or_si256(*u0, _mm256_slli_epi16(_mm256_and_si256(S->high, one), 2));
+            *u1 = _mm256_or_si256(*u1, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(S->high, 1), one), 2));
+            S->high = _mm256_srli_epi16(S->high, 2);
+        }
+        break;
+    }
+    default: /* IQ4_XS: 16 bytes per group, as IQ4_NL's blocks */
+        *u0 = _mm256_shuffle_epi8(iq4_levels(), nibbles32(blk + 8 + 32 * c));
+        *u1 = _mm256_shuffle_epi8(iq4_levels(), nibbles32(blk + 8 + 32 * c + 16));
+        break;
+    }
+}
+
+#ifdef ISA_AVX512
+#define ISA_AVX512_PAIR(kind) ((kind) == KIND_Q6_K || (kind) == KIND_Q4_K)
+/* Groups 2c and 2c+1 as one 512-bit vector: decoded in place for Q4_K and Q6_K, else the two halves given. */
+static inline __m512i sb_pair512(int kind, const uint8_t *blk, int c, __m256i u0, __m256i u1) {
+    const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03);
+    if (kind == KIND_Q4_K) {
+        const __m256i q = load32(blk + 16 + 32 * c);
+        return _mm512_and_si512(cat256(q, _mm256_srli_epi16(q, 4)), low4);
+    }
+    if (kind == KIND_Q6_K) { /* rows L0, L1 of half c/2 are 64 contiguous bytes; H pairs with L0, H >> 2 with L1 */
+        const __m512i l = _mm512_loadu_si512(blk + 64 * (c >> 1));
+        const __m256i h = load32(blk + 128 + 32 * (c >> 1));
+        const __m512i hh = cat256(h, _mm256_srli_epi16(h, 2));
+        if (c & 1)
+            return _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(l, 4), low4),
+                                   _mm512_and_si512(hh, _mm512_set1_epi8(0x30)));
+        return _mm512_or_si512(_mm512_and_si512(l, low4), _mm512_slli_epi16(_mm512_and_si512(hh, low2), 4));
+    }
+    return cat256(u0, u1);
+}
+#else
+#define ISA_AVX512_PAIR(kind) 0
+#endif
+
+/* The int16 multipliers of the pair-product lanes (lanes 0-7: elements 0-15) of groups 2c and 2c+1. */
+static inline void sb_pair_scales(int kind, const sb_state *S, int c, __m256i *m0, __m256i *m1) {
+    if (sb_per16(kind)) { /* group g's scales 2g, 2g+1 are dword g of s16: word 0 to the low lane, word 1 high */
+        const __m256i split = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1,
+                                               2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3, 2, 3);
+        *m0 = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(S->s16, _mm256_set1_epi32(2 * c)), split);
+        *m1 = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(S->s16, _mm256_set1_epi32(2 * c + 1)), split);
+    } else { /* word g of s16 everywhere */
+        const __m256i words = _mm256_permute2x128_si256(S->s16, S->s16, 0x00);
+        *m0 = _mm256_shuffle_epi8(words, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c))));
+        *m1 = _mm256_shuffle_epi8(words, _mm256_set1_epi16((short)(0x0100 + 0x0202 * (2 * c + 1))));
+    }
+}
+
 
 /* --------------------------------------------------------------------------------------- dequantize */
 /* o[0..15] = scale * v - sub for 16 int8 values: the float operations of gguf-py's dequantizers. */
@@ -398,7 +444,7 @@ static inline void store16(__m128i v, float scale, float sub, float *o) {
 }
 
 static inline void dequant_legacy(int kind, const uint8_t *w, int64_t k, float *out) {
-    const int64_t bs = kind_of(kind)->bytes;
+    const int64_t bs = block_bytes(kind);
     for (int64_t b = 0; b < k / QK; b++) {
         const uint8_t *blk = w + b * bs;
         const __m256i v = legacy_values(kind, blk);
@@ -409,21 +455,26 @@ static inline void dequant_legacy(int kind, const uint8_t *w, int64_t k, float *
 }
 
 static inline void dequant_k(int kind, const uint8_t *w, int64_t k, float *out) {
-    const int64_t bs = kind_of(kind)->bytes;
+    const int64_t bs = block_bytes(kind);
     for (int64_t sb = 0; sb < k / QK_K; sb++) {
-        __m256i u[8];
-        sb_scales S;
-        sb_decode(kind, w + sb * bs, u, &S);
+        const uint8_t *blk = w + sb * bs;
+        sb_state S;
+        sb_begin(kind, blk, &S);
         int8_t sc[16], mn[16];
         _mm_storeu_si128((__m128i *)sc, S.sc);
         _mm_storeu_si128((__m128i *)mn, S.mn);
-        for (int g = 0; g < 8; g++) {
-            const __m256i v = _mm256_sub_epi8(u[g], _mm256_set1_epi8((char)S.offset));
-            for (int half = 0; half < 2; half++) {
-                const int j = sb_per16(kind) ? 2 * g + half : g;
-                const float ml = sb_has_min(kind) ? S.dmin * (float)mn[j] : 0.0f;
-                const __m128i v16 = half ? _mm256_extracti128_si256(v, 1) : _mm256_castsi256_si128(v);
-                store16(v16, S.d * (float)sc[j], ml, out + sb * QK_K + 32 * g + 16 * half);
+        for (int c = 0; c < 4; c++) {
+            __m256i u[2];
+            sb_pair(kind, blk, c, &S, &u[0], &u[1]);
+            for (int i = 0; i < 2; i++) {
+                const int g = 2 * c + i;
+                const __m256i v = _mm256_sub_epi8(u[i], _mm256_set1_epi8((char)S.offset));
+                for (int half = 0; half < 2; half++) {
+                    const int j = sb_per16(kind) ? 2 * g + half : g;
+                    const float ml = sb_has_min(kind) ? S.dmin * (float)mn[j] : 0.0f;
+                    const __m128i v16 = half ? _mm256_extracti128_si256(v, 1) : _mm256_castsi256_si128(v);
+                    store16(v16, S.d * (float)sc[j], ml, out + sb * QK_K + 32 * g + 16 * half);
+                }
             }
         }
     }
@@ -488,25 +539,22 @@ static inline __m256 load_first(const float *p, int m) {
     return _mm256_maskload_ps(p, lanes);
 }
 
-/* The first 4 bytes of blocks 0 .. m-1 (m <= 8, bs bytes apart) as 8 int32 lanes, 0 past m. */
-static inline __m256i gather_heads(const uint8_t *p, int64_t bs, int m) {
-    const __m256i at = _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32((int)bs));
-    if (m == 8) return _mm256_i32gather_epi32((const int *)p, at, 1);
-    const __m256i lanes = _mm256_cmpgt_epi32(_mm256_set1_epi32(m), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    return _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)p, at, lanes, 1);
-}
-
-/* The low 16 bits of 8 int32 lanes as 8 int16. */
-static inline __m128i low_halves(__m256i v) {
-    const __m256i pick = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1,
-                                          0, 1, 4, 5, 8, 9, 12, 13, -1, -1, -1, -1, -1, -1, -1, -1);
-    return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_shuffle_epi8(v, pick), 0x08));
+/* The float16 at byte `at` of blocks 0 .. m-1 (m <= 8, bs bytes apart) as 8 floats, 0 past m. (Eight scalar
+ * loads: a gather is slower on AMD's cores.) */
+static inline __m256 block_halves(const uint8_t *p, int64_t bs, int m, int at) {
+    uint16_t h[8];
+    for (int j = 0; j < 8; j++) {
+        h[j] = 0;
+        if (j < m) memcpy(&h[j], p + j * bs + at, 2);
+    }
+    return _mm256_cvtph_ps(_mm_setr_epi16((short)h[0], (short)h[1], (short)h[2], (short)h[3], (short)h[4], (short)h[5],
+                                          (short)h[6], (short)h[7]));
 }
 
 /* Legacy kinds, 8 blocks at a time: their 8 scale products d_w d_x in one multiply, then per block
  * acc += (d_w d_x) * (block's integer dot, as 8 partial sums); blocks alternate between two accumulators. */
 KERNEL dot_legacy(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, float *out) {
-    const int64_t k = X->k, nb = k / QK, bs = kind_of(kind)->bytes;
+    const int64_t k = X->k, nb = k / QK, bs = block_bytes(kind);
     const int has_min = legacy_has_min(kind);
     __m256 a0[NT], a1[NT], am[NT];
     for (int t = 0; t < nt; t++) a0[t] = a1[t] = am[t] = _mm256_setzero_ps();
@@ -516,15 +564,12 @@ KERNEL dot_legacy(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0,
 #endif
     for (int64_t b = 0; b < nb; b += 8) {
         const int m = nb - b < 8 ? (int)(nb - b) : 8;
-        /* the first 4 bytes of each of the 8 blocks: d (and m) as float16 */
-        const __m256i head = gather_heads(w + b * bs, bs, m);
-        const __m256 dw = _mm256_cvtph_ps(low_halves(head));
+        const __m256 dw = block_halves(w + b * bs, bs, m, 0);
         __m256 sc[NT];
         for (int t = 0; t < nt; t++) {
             sc[t] = _mm256_mul_ps(dw, load_first(X->d8 + (t0 + t) * nb + b, m));
             if (has_min) /* the offset m_w times the activations' d_x sum(q) */
-                am[t] = _mm256_fmadd_ps(_mm256_cvtph_ps(low_halves(_mm256_srli_epi32(head, 16))),
-                                        load_first(X->s8 + (t0 + t) * nb + b, m), am[t]);
+                am[t] = _mm256_fmadd_ps(block_halves(w + b * bs, bs, m, 2), load_first(X->s8 + (t0 + t) * nb + b, m), am[t]);
         }
         int j = 0;
 #ifdef ISA_AVX512
@@ -558,62 +603,58 @@ KERNEL dot_legacy(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0,
 }
 
 /* K-quants and IQ4_XS, one super-block at a time: the integer sum over its groups of scale_j * (v . q)_j
- * (16-bit products of byte pairs times 16-bit scales), corrected by the offset through the activations'
- * sums of 16; then acc += d d_x * that, and for kinds with mins accm += dmin d_x * sum_j m_j (sum of q)_j. */
+ * (16-bit products of byte pairs times 16-bit scales), two groups at a time for every activation row; then
+ * the offset through the activations' sums of 16, acc += d d_x * that, and for kinds with mins
+ * accm += dmin d_x * sum_j m_j (sum of q)_j. */
 KERNEL dot_k(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, float *out) {
-    const int64_t k = X->k, nsb = k / QK_K, bs = kind_of(kind)->bytes;
+    const int64_t k = X->k, nsb = k / QK_K, bs = block_bytes(kind);
     __m256 acc[NT], accm[NT];
     for (int t = 0; t < nt; t++) acc[t] = accm[t] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < nsb; sb++) {
-        __m256i u[8], scl[8];
-        sb_scales S;
-        sb_decode(kind, w + sb * bs, u, &S);
-        /* scl[g]: the 16-bit scale of each pair-product lane of group g (lanes 0-7 are elements 0-15) */
-        const __m256i s16 = _mm256_cvtepi8_epi16(S.sc);
-        if (sb_per16(kind)) {
-            const __m256i lo = _mm256_permute2x128_si256(s16, s16, 0x00), hi = _mm256_permute2x128_si256(s16, s16, 0x11);
-            for (int g = 0; g < 4; g++) {
-                const __m256i pick = _mm256_setr_epi8(4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g,
-                                                      4 * g + 1, 4 * g, 4 * g + 1, 4 * g, 4 * g + 1, 4 * g, 4 * g + 1,
-                                                      4 * g, 4 * g + 1, 4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3,
-                                                      4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3,
-                                                      4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3, 4 * g + 2, 4 * g + 3);
-                scl[g] = _mm256_shuffle_epi8(lo, pick);
-                scl[g + 4] = _mm256_shuffle_epi8(hi, pick);
+        const uint8_t *blk = w + sb * bs;
+        sb_state S;
+        sb_begin(kind, blk, &S);
+#ifdef ISA_AVX512
+        __m512i s2[NT];
+        for (int t = 0; t < nt; t++) s2[t] = _mm512_setzero_si512();
+#else
+        __m256i s[NT];
+        for (int t = 0; t < nt; t++) s[t] = _mm256_setzero_si256();
+#endif
+#pragma GCC unroll 4
+        for (int c = 0; c < 4; c++) {
+            __m256i u0 = _mm256_setzero_si256(), u1 = u0, m0, m1;
+            if (!ISA_AVX512_PAIR(kind)) sb_pair(kind, blk, c, &S, &u0, &u1);
+            sb_pair_scales(kind, &S, c, &m0, &m1);
+#ifdef ISA_AVX512
+            const __m512i u = sb_pair512(kind, blk, c, u0, u1), m = cat256(m0, m1);
+            for (int t = 0; t < nt; t++) {
+                const __m512i q = _mm512_loadu_si512(X->qk + (t0 + t) * k + sb * QK_K + 64 * c);
+                const __m512i p = kind == KIND_IQ4_XS ? pairs_ss512(u, q) : pairs_us512(u, q);
+                s2[t] = _mm512_add_epi32(s2[t], _mm512_madd_epi16(p, m));
             }
-        } else {
-            const __m256i lo = _mm256_permute2x128_si256(s16, s16, 0x00);
-            for (int g = 0; g < 8; g++) scl[g] = _mm256_shuffle_epi8(lo, _mm256_set1_epi16((short)(0x0100 + 0x0202 * g)));
+#else
+            for (int t = 0; t < nt; t++) {
+                const int8_t *q = X->qk + (t0 + t) * k + sb * QK_K + 64 * c;
+                const __m256i p0 = kind == KIND_IQ4_XS ? pairs_ss(u0, load32(q)) : pairs_us(u0, load32(q));
+                const __m256i p1 = kind == KIND_IQ4_XS ? pairs_ss(u1, load32(q + 32)) : pairs_us(u1, load32(q + 32));
+                s[t] = _mm256_add_epi32(s[t], _mm256_add_epi32(_mm256_madd_epi16(p0, m0), _mm256_madd_epi16(p1, m1)));
+            }
+#endif
         }
         const __m256i m16 = _mm256_cvtepi8_epi16(S.mn);
-#ifdef ISA_AVX512
-        __m512i u2[4], scl2[4]; /* groups 2c and 2c + 1 in one vector */
-        for (int c = 0; c < 4; c++) u2[c] = cat256(u[2 * c], u[2 * c + 1]), scl2[c] = cat256(scl[2 * c], scl[2 * c + 1]);
-#endif
         for (int t = 0; t < nt; t++) {
-            const int8_t *q = X->qk + (t0 + t) * k + sb * QK_K;
+#ifdef ISA_AVX512
+            __m256i si = _mm256_add_epi32(_mm512_castsi512_si256(s2[t]), _mm512_extracti64x4_epi64(s2[t], 1));
+#else
+            __m256i si = s[t];
+#endif
             const __m256i bsum = load32(X->bk + (t0 + t) * (k / 16) + sb * (QK_K / 16)); /* 16 sums of 16 */
             const float dx = X->dk[(t0 + t) * nsb + sb];
-#ifdef ISA_AVX512
-            __m512i s2 = _mm512_setzero_si512();
-            for (int c = 0; c < 4; c++) {
-                const __m512i qc = _mm512_loadu_si512(q + 64 * c);
-                const __m512i p = kind == KIND_IQ4_XS ? pairs_ss512(u2[c], qc) : pairs_us512(u2[c], qc);
-                s2 = _mm512_add_epi32(s2, _mm512_madd_epi16(p, scl2[c]));
-            }
-            __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(s2), _mm512_extracti64x4_epi64(s2, 1));
-#else
-            __m256i s = _mm256_setzero_si256();
-            for (int g = 0; g < 8; g++) {
-                const __m256i qg = load32(q + 32 * g);
-                const __m256i p = kind == KIND_IQ4_XS ? pairs_ss(u[g], qg) : pairs_us(u[g], qg);
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(p, scl[g]));
-            }
-#endif
             if (S.offset) /* sum_j sc_j sum (u - offset) q = ... - offset sum_j sc_j bsum_j */
-                s = _mm256_sub_epi32(s, kind == KIND_Q6_K ? _mm256_slli_epi32(_mm256_madd_epi16(bsum, s16), 5)  /* 32 */
-                                                          : _mm256_slli_epi32(_mm256_madd_epi16(bsum, s16), 2)); /* 4 */
-            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(S.d * dx), _mm256_cvtepi32_ps(s), acc[t]);
+                si = _mm256_sub_epi32(si, kind == KIND_Q6_K ? _mm256_slli_epi32(_mm256_madd_epi16(bsum, S.s16), 5)  /* 32 */
+                                                            : _mm256_slli_epi32(_mm256_madd_epi16(bsum, S.s16), 2)); /* 4 */
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(S.d * dx), _mm256_cvtepi32_ps(si), acc[t]);
             if (sb_has_min(kind)) {
                 __m256i mins;
                 if (sb_per16(kind)) { /* Q2_K: a min per 16 */
@@ -629,7 +670,6 @@ KERNEL dot_k(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, floa
     for (int t = 0; t < nt; t++) out[t] = hsum8(acc[t]) - (sb_has_min(kind) ? hsum8(accm[t]) : 0.0f);
 }
 
-/* F32, F16, BF16 against the float activations: 16 elements a step in two accumulators, the tail in order. */
 #ifdef ISA_AVX512
 static inline __m512 load16_float(int kind, const uint8_t *w, int64_t i) {
     if (kind == KIND_F32) return _mm512_loadu_ps((const float *)w + i);
