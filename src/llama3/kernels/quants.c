@@ -156,12 +156,6 @@ static inline __m256 fold512(__m512 v) {
 }
 #endif
 
-static inline float hsum4(__m128 v) {
-    v = _mm_add_ps(v, _mm_movehl_ps(v, v));
-    v = _mm_add_ss(v, _mm_movehdup_ps(v));
-    return _mm_cvtss_f32(v);
-}
-
 /* ------------------------------------------------------------------------- activation quantization */
 static inline float absmax(const float *x, int64_t n) { /* n a multiple of 8 */
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -395,9 +389,8 @@ static inline void sb_pair(int kind, const uint8_t *blk, int c, sb_state *S, __m
 }
 
 #ifdef ISA_AVX512
-#define ISA_AVX512_PAIR(kind) ((kind) == KIND_Q6_K || (kind) == KIND_Q4_K)
-/* Groups 2c and 2c+1 as one 512-bit vector: decoded in place for Q4_K and Q6_K, else the two halves given. */
-static inline __m512i sb_pair512(int kind, const uint8_t *blk, int c, __m256i u0, __m256i u1) {
+/* Groups 2c and 2c+1 as one 512-bit vector (Q4_K and Q6_K decoded in 512 bits). */
+static inline __m512i sb_pair512(int kind, const uint8_t *blk, int c, sb_state *S) {
     const __m512i low4 = _mm512_set1_epi8(0x0F), low2 = _mm512_set1_epi8(0x03);
     if (kind == KIND_Q4_K) {
         const __m256i q = load32(blk + 16 + 32 * c);
@@ -412,10 +405,10 @@ static inline __m512i sb_pair512(int kind, const uint8_t *blk, int c, __m256i u0
                                    _mm512_and_si512(hh, _mm512_set1_epi8(0x30)));
         return _mm512_or_si512(_mm512_and_si512(l, low4), _mm512_slli_epi16(_mm512_and_si512(hh, low2), 4));
     }
+    __m256i u0, u1;
+    sb_pair(kind, blk, c, S, &u0, &u1);
     return cat256(u0, u1);
 }
-#else
-#define ISA_AVX512_PAIR(kind) 0
 #endif
 
 /* The int16 multipliers of the pair-product lanes (lanes 0-7: elements 0-15) of groups 2c and 2c+1. */
@@ -623,17 +616,18 @@ KERNEL dot_k(int kind, int nt, const uint8_t *w, const acts *X, int64_t t0, floa
 #endif
 #pragma GCC unroll 4
         for (int c = 0; c < 4; c++) {
-            __m256i u0 = _mm256_setzero_si256(), u1 = u0, m0, m1;
-            if (!ISA_AVX512_PAIR(kind)) sb_pair(kind, blk, c, &S, &u0, &u1);
+            __m256i m0, m1;
             sb_pair_scales(kind, &S, c, &m0, &m1);
 #ifdef ISA_AVX512
-            const __m512i u = sb_pair512(kind, blk, c, u0, u1), m = cat256(m0, m1);
+            const __m512i u = sb_pair512(kind, blk, c, &S), m = cat256(m0, m1);
             for (int t = 0; t < nt; t++) {
                 const __m512i q = _mm512_loadu_si512(X->qk + (t0 + t) * k + sb * QK_K + 64 * c);
                 const __m512i p = kind == KIND_IQ4_XS ? pairs_ss512(u, q) : pairs_us512(u, q);
                 s2[t] = _mm512_add_epi32(s2[t], _mm512_madd_epi16(p, m));
             }
 #else
+            __m256i u0, u1;
+            sb_pair(kind, blk, c, &S, &u0, &u1);
             for (int t = 0; t < nt; t++) {
                 const int8_t *q = X->qk + (t0 + t) * k + sb * QK_K + 64 * c;
                 const __m256i p0 = kind == KIND_IQ4_XS ? pairs_ss(u0, load32(q)) : pairs_us(u0, load32(q));
