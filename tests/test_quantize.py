@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import llama3
-from llama3.quantize import FALLBACK, QuantLinear, describe, fuse, quantize_model, scheme_kinds
+from llama3.quantize import FALLBACK, QuantLinear, QuantTensor, describe, fuse, quantize_model, scheme_kinds
 
 
 def test_schemes_pick_kinds_and_fall_back_like_llama_cpp():
@@ -28,6 +28,25 @@ def test_schemes_pick_kinds_and_fall_back_like_llama_cpp():
     assert kinds["layers.0.attention.wq"] == FALLBACK["Q4_K"] == "Q5_0"  # rows of 576
     assert kinds["layers.0.feed_forward.w2"] == "Q4_K"  # rows of 1536 = 6 x 256
     assert kinds["output"] == FALLBACK["Q6_K"] == "Q8_0"
+
+
+def test_16_bit_blocks_are_requantized_and_quantized_blocks_kept():
+    """A 16-bit checkpoint held as BF16 blocks takes --quantize like a float one; blocks already quantized stay."""
+    args = llama3.ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32)
+    model = llama3.Transformer(args).eval()
+    tokens = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        before = model(tokens)
+    wq = model.layers[0].attention.wq
+    model.layers[0].attention.wq = QuantLinear(QuantTensor.from_tensor(wq.weight.detach().to(torch.bfloat16)))
+    model.layers[0].attention.wk = QuantLinear(QuantTensor.quantize(model.layers[0].attention.wk.weight, "Q6_K"))
+    kept = model.layers[0].attention.wk.data
+    quantize_model(model, "q8_0")
+    kinds = {name: m.kind for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert kinds["layers.0.attention.wq"] == "Q8_0" and kinds["layers.0.attention.wk"] == "Q6_K"
+    assert model.layers[0].attention.wk.data is kept
+    with torch.no_grad():
+        assert (model(tokens) - before).abs().max() < 0.05 * before.abs().max()
 
 
 def test_fused_equals_unfused():

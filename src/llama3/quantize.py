@@ -471,18 +471,29 @@ def quantize_weight(w: torch.Tensor, kind: str) -> QuantTensor:
     return QuantTensor.quantize(w, kind)
 
 
+def _float_weight(module: nn.Module) -> torch.Tensor | None:
+    """The weight of a float Linear/Embedding, or of one held as F32/F16/BF16 blocks; None otherwise."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        return module.weight
+    if isinstance(module, (QuantLinear, QuantEmbedding)) and module.kind in FLOAT_DTYPE:
+        return module.qtensor.dequantize(FLOAT_DTYPE[module.kind])
+    return None
+
+
 @torch.no_grad()
 def quantize_model(model, scheme: str) -> None:
-    """Quantize every Linear of the blocks and the output projection (and a tied embedding) in place."""
+    """Quantize every float matrix of the blocks and the output projection (and a tied embedding) in place;
+    matrices already in quantized blocks stay as they are."""
     kind, output_kind = scheme_kinds(scheme)
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name != "output":
-            swap_in(model, name + ".weight", quantize_weight(module.weight, kind))
-    if model.args.tie_word_embeddings:
-        if isinstance(model.tok_embeddings, nn.Embedding):
-            swap_in(model, "tok_embeddings.weight", quantize_weight(model.tok_embeddings.weight, output_kind))
-    elif isinstance(model.output, nn.Linear):
-        model.output = QuantLinear(quantize_weight(model.output.weight, output_kind))
+        w = _float_weight(module)
+        if w is not None and name.startswith("layers."):
+            swap_in(model, name + ".weight", quantize_weight(w, kind))
+    tied = model.args.tie_word_embeddings
+    w = _float_weight(model.tok_embeddings if tied else model.output)
+    if w is not None:
+        swap_in(model, "tok_embeddings.weight" if tied else "output.weight", quantize_weight(w, output_kind),
+                dtype=model.norm.weight.dtype)
 
 
 def _concat(modules):
