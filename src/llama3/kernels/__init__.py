@@ -314,7 +314,7 @@ def matmul_list(qts: Sequence[Blocks], x: torch.Tensor, use_c: bool = True, isa:
 def dequantize(qt: Blocks, rows: torch.Tensor | None = None, use_c: bool = True, dtype: torch.dtype = torch.float32,
                isa: str | None = None, threads: int | None = None) -> torch.Tensor:
     """The weights (rows, k) as ``dtype``, or only the rows listed in ``rows`` (for embedding lookups),
-    equal to gguf-py's ``dequantize`` (then rounded to ``dtype``)."""
+    equal to gguf-py's ``dequantize`` (then rounded to ``dtype``; the C code writes float32 and bfloat16)."""
     if rows is not None:
         rows = rows.reshape(-1).to(torch.int64).contiguous()
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= qt.rows):

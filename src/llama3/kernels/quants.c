@@ -834,6 +834,28 @@ int qmatmul(const qmat *W, int64_t n_w, const float *x, int64_t n, float *y, int
     return 0;
 }
 
+/* float32 -> bfloat16 rounded to nearest even (as torch converts): the top half of bits + 0x7FFF + its last bit. */
+static inline uint16_t bf16_of(uint32_t b) { return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16); }
+
+static void to_bf16(const float *x, int64_t n, uint16_t *out) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+        __m256i h[2];
+        for (int i = 0; i < 2; i++) {
+            const __m256i b = _mm256_castps_si256(_mm256_loadu_ps(x + j + 8 * i));
+            const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+            h[i] = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+        }
+        /* 16 values of 16 bits in order: pack within lanes, then put the 64-bit quarters back in order */
+        _mm256_storeu_si256((__m256i *)(out + j), _mm256_permute4x64_epi64(_mm256_packus_epi32(h[0], h[1]), 0xD8));
+    }
+    for (; j < n; j++) {
+        uint32_t b;
+        memcpy(&b, &x[j], 4);
+        out[j] = bf16_of(b);
+    }
+}
+
 /* Rows rows[0..n) of W (rows NULL: rows 0..n) as float32, or bfloat16 (rounded to nearest even) if bf16.
  * 0 on success, -1 out of memory, -2 a bad matrix. */
 int dequant_rows(const qmat *W, const int64_t *rows, int64_t n, void *out, int64_t bf16, int64_t nthreads) {
@@ -854,12 +876,7 @@ int dequant_rows(const qmat *W, const int64_t *rows, int64_t n, void *out, int64
                 dequant_row(W, r, (float *)out + i * k);
             } else if (tmp) {
                 dequant_row(W, r, tmp);
-                uint16_t *o = (uint16_t *)out + i * k;
-                for (int64_t j = 0; j < k; j++) {
-                    uint32_t b;
-                    memcpy(&b, &tmp[j], 4);
-                    o[j] = (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
-                }
+                to_bf16(tmp, k, (uint16_t *)out + i * k);
             }
         }
         free(tmp);
