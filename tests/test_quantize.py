@@ -1,5 +1,6 @@
-"""Fast paths against the plain float path: quantized kernels (C and PyTorch fallback), fused
-projections, and the quality of quantized models."""
+"""Quantized models against the plain float path: the --quantize schemes, fused projections, the C
+kernels against the PyTorch fallback on a whole model, and the quality of quantized models (the kernels
+themselves are held to gguf-py in test_kernels.py)."""
 
 import os
 import subprocess
