@@ -16,7 +16,6 @@
  * whatever the thread count (a row is one thread's work): batches and thread counts never change results.
  * Built once per ISA from this one source: AVX2 + FMA + F16C, and AVX-512 (F/BW/VL/VNNI).
  */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
