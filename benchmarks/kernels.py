@@ -9,7 +9,11 @@ machine's DRAM bandwidth. Each measurement cycles through enough random copies o
 ``--footprint`` MB) that the weights come from DRAM, not the caches, and hands them to the kernels in
 one call (``kernels.matmul_list``: one worksharing loop over all their rows), so that call overhead
 stays out of the figure; it then reports weight bytes read per second. The read bandwidth is
-``torch.sum`` over a buffer of the same size on the same threads.
+``torch.sum`` over a buffer of the same size on the same threads. ``--footprint 1`` keeps a single copy,
+small enough for the caches: the kernels' compute ceiling instead of the memory's.
+
+Timings taken while other jobs share the machine are noisy (2 threads then often lose to 1): compare
+figures from one run, and measure alone for absolute numbers.
 """
 
 from __future__ import annotations
