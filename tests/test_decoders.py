@@ -236,14 +236,3 @@ def test_thread_count_is_measured_rechecked_and_never_changes_the_logits(smollm2
             tuner.record(c, {4: 0.05, 3: 0.04, 2: 0.01}[c])
     assert tuner.best == 2
     assert ThreadTuner(1).best == 1
-
-
-def test_a_struct_layout_mismatch_keeps_the_c_step_off(monkeypatch):
-    """ctypes mirrors of the C structs are checked against the compiler's sizes, offsets and enum values."""
-    from llama3.kernels import structs
-
-    model = ours_from_hf(hf_model("gqa2"))
-    quantize_model(model, "int8")
-    assert structs.layout_mismatch(kernels.library()) is None and CDecoder.why_not(model) is None
-    monkeypatch.setitem(structs.KV_DTYPES, torch.bfloat16, 7)
-    assert "layout" in CDecoder.why_not(model)

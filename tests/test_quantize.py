@@ -1,5 +1,6 @@
-"""Fast paths against the plain float path: quantized kernels (C and PyTorch fallback), fused
-projections, and the quality of quantized models."""
+"""Quantized models against the plain float path: the --quantize schemes, the C
+kernels against the PyTorch fallback on a whole model, and the quality of quantized models (the kernels
+themselves are held to gguf-py in test_kernels.py)."""
 
 import os
 import subprocess
@@ -9,69 +10,44 @@ import pytest
 import torch
 
 import llama3
-from llama3 import kernels
-from llama3.quantize import QuantLinear, QuantTensor, describe
-
-KINDS = ["q8", "q4_0", "q4_1"]
+from llama3.quantize import FALLBACK, QuantLinear, QuantTensor, describe, quantize_model, scheme_kinds
 
 
-def random_qtensor(kind, rows, k, seed=0):  # (QuantTensor rounds the scales to float16)
-    g = torch.Generator().manual_seed(seed)
-    nb = k // 32
-    qs = torch.randint(-127, 128, (rows, k), generator=g, dtype=torch.int8) if kind == "q8" else \
-        torch.randint(0, 256, (rows, k // 2), generator=g, dtype=torch.uint8)
-    d = torch.rand(rows, nb, generator=g) * 0.02
-    m = -torch.rand(rows, nb, generator=g) * 0.1 if kind == "q4_1" else None
-    return QuantTensor(kind, qs, d, m, rows, k)
+def test_schemes_pick_kinds_and_fall_back_like_llama_cpp():
+    """int8 is Q8_0; int4 is Q4_K with a Q6_K output projection (llama.cpp's Q4_K_M choice); super-block
+    kinds fall back for rows that are not whole super-blocks (576 = 2.25 x 256 here), as llama.cpp's
+    quantizer does."""
+    assert scheme_kinds("int8") == ("Q8_0", "Q8_0") and scheme_kinds("int4") == ("Q4_K", "Q6_K")
+    assert scheme_kinds("q5_k") == ("Q5_K", "Q5_K")
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        scheme_kinds("int3")
+    args = llama3.ModelArgs(dim=576, n_layers=1, n_heads=9, n_kv_heads=3, vocab_size=100, multiple_of=256,
+                            max_seq_len=32)
+    model = llama3.Transformer(args).eval()
+    quantize_model(model, "int4")
+    kinds = {name: m.kind for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert kinds["layers.0.attention.wq"] == FALLBACK["Q4_K"] == "Q5_0"  # rows of 576
+    assert kinds["layers.0.feed_forward.w2"] == "Q4_K"  # rows of 1536 = 6 x 256
+    assert kinds["output"] == FALLBACK["Q6_K"] == "Q8_0"
 
 
-@pytest.fixture(params=[True, False], ids=["c", "fallback"])
-def use_c(request):
-    if request.param and kernels.library() is None:
-        pytest.fail(f"the C kernels did not build here: {kernels.why_not()}")
-    return request.param
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("rows, k, n", [(37, 96, 1), (64, 32, 3), (129, 576, 2), (5, 1536, 8)])
-def test_kernel_equals_dequantize_then_matmul(kind, rows, k, n, use_c):
-    qt = random_qtensor(kind, rows, k)
-    x = torch.randn(n, k, generator=torch.Generator().manual_seed(1))
-    y = kernels.qmatmul(kind, qt.qs, qt.d, qt.m, rows, k, x, use_c=use_c)
-    # The reference: the same int8 activation blocks, dequantized, times the dequantized weights.
-    xq, xd, _ = kernels.quantize_activations(x, use_c=False)
-    x_deq = (xq.view(n, -1, 32).float() * xd[..., None]).view(n, k)
-    w = kernels.dequantize(kind, qt.qs, qt.d, qt.m, rows, k, use_c=False)
-    reference = x_deq @ w.T
-    torch.testing.assert_close(y, reference, atol=1e-4 * reference.abs().max().item(), rtol=1e-4)
-    # and the activation quantization itself costs under 1% against the exact float product
-    exact = x @ w.T
-    assert (y - exact).abs().max() < 0.02 * exact.abs().max()
-
-
-@pytest.mark.parametrize("kind", KINDS)
-def test_c_dequantize_and_activations_match_fallback(kind):
-    if kernels.library() is None:
-        pytest.fail(f"the C kernels did not build here: {kernels.why_not()}")
-    qt = random_qtensor(kind, 33, 160)
-    # equal up to one rounding (the compiler may fuse q4_1's n*d + m into one FMA)
-    torch.testing.assert_close(kernels.dequantize(kind, qt.qs, qt.d, qt.m, 33, 160, use_c=True),
-                               kernels.dequantize(kind, qt.qs, qt.d, qt.m, 33, 160, use_c=False),
-                               atol=1e-7, rtol=1e-6)
-    x = torch.randn(4, 160) * 3
-    for a, b in zip(kernels.quantize_activations(x, True), kernels.quantize_activations(x, False)):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-
-
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_quantize_float_round_trip(scheme):
-    w = torch.randn(48, 128)
-    qt = QuantTensor.from_float(w, scheme)
-    err = (qt.dequantize() - w).abs().max() / w.abs().max()
-    assert err < (0.01 if scheme == "int8" else 0.1)
-    lin = QuantLinear(qt)
-    x = torch.randn(20, 128)  # > GEMV_MAX_ROWS: the dequantize + GEMM path
-    torch.testing.assert_close(lin(x), x @ qt.dequantize().T, atol=1e-4, rtol=1e-4)
+def test_16_bit_blocks_are_requantized_and_quantized_blocks_kept():
+    """A 16-bit checkpoint held as BF16 blocks takes --quantize like a float one; blocks already quantized stay."""
+    args = llama3.ModelArgs(dim=256, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=32)
+    model = llama3.Transformer(args).eval()
+    tokens = torch.randint(0, 64, (1, 5))
+    with torch.no_grad():
+        before = model(tokens)
+    wq = model.layers[0].attention.wq
+    model.layers[0].attention.wq = QuantLinear(QuantTensor.from_tensor(wq.weight.detach().to(torch.bfloat16)))
+    model.layers[0].attention.wk = QuantLinear(QuantTensor.quantize(model.layers[0].attention.wk.weight, "Q6_K"))
+    kept = model.layers[0].attention.wk.data
+    quantize_model(model, "q8_0")
+    kinds = {name: m.kind for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert kinds["layers.0.attention.wq"] == "Q8_0" and kinds["layers.0.attention.wk"] == "Q6_K"
+    assert model.layers[0].attention.wk.data is kept
+    with torch.no_grad():
+        assert (model(tokens) - before).abs().max() < 0.05 * before.abs().max()
 
 
 def decode_logits(llm, ids):
@@ -108,7 +84,10 @@ def test_default_gguf_path_is_quantized_and_close_to_float(smollm2, smollm2_fast
     assert kl < 0.02 and top1 > 0.9
 
 
-@pytest.mark.parametrize("scheme, max_kl, min_top1", [("int8", 0.02, 0.9), ("int4", 0.3, 0.6)])
+# Measured here: int8 KL 0.0052, top-1 0.978; int4 KL 0.067, top-1 0.891. (The file itself is Q4_1 with a
+# Q8_0 embedding: re-encoding to "q4_1" would be lossless for the blocks, so this model cannot rank 4-bit
+# formats; on Gaussian weights Q4_K's round trip error is below Q4_1's at 0.9x its size, test_kernels.py.)
+@pytest.mark.parametrize("scheme, max_kl, min_top1", [("int8", 0.02, 0.9), ("int4", 0.15, 0.8)])
 def test_quantize_on_load_quality(smollm2, scheme, max_kl, min_top1):
     fast = llama3.load(quantize=scheme, quiet=True)
     kl, top1 = kl_and_top1(fast, smollm2, PROMPTS)
@@ -117,7 +96,9 @@ def test_quantize_on_load_quality(smollm2, scheme, max_kl, min_top1):
 
 
 def test_prefill_path_equals_decode_path(smollm2_fast):
-    """Prefill (dequantize + float GEMM) and token-by-token decode (integer kernels) agree."""
+    """Prefill (dequantize + float GEMM) and token-by-token decode (integer kernels against int8 activations)
+    agree: same top token, KL at one position < 0.02 nats (the decode path rounds every activation to int8
+    blocks, which moves a logit by up to ~0.5 over 30 layers; measured 0.010 here)."""
     ids = torch.tensor([smollm2_fast.encode_prompt("The quick brown fox jumps over the lazy dog")])
     with torch.no_grad():
         whole = smollm2_fast.model(ids)[0, -1]
@@ -125,7 +106,7 @@ def test_prefill_path_equals_decode_path(smollm2_fast):
         for i in range(ids.shape[1]):
             step = smollm2_fast.model(ids[:, i:i + 1], start_pos=i, cache=cache)[0, -1]
     p, q = torch.log_softmax(whole, -1), torch.log_softmax(step, -1)
-    assert float((p.exp() * (p - q)).sum()) < 0.01 and whole.argmax() == step.argmax()
+    assert float((p.exp() * (p - q)).sum()) < 0.02 and whole.argmax() == step.argmax()
 
 
 def test_without_the_c_kernels_everything_falls_back():

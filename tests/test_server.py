@@ -246,7 +246,8 @@ def test_other_errors_and_server_keeps_serving(server, client):
 
     with pytest.raises(BadRequestError):
         client.completions.create(model="default", prompt="x", temperature=-3)
-    r = client.completions.create(model="default", prompt="Still there?", max_tokens=3, temperature=0)
+    # (a prompt whose greedy next token is not a near-tie with end-of-text, so any kernel's rounding agrees)
+    r = client.completions.create(model="default", prompt="The capital of France is", max_tokens=3, temperature=0)
     assert r.choices[0].text and httpx.get(server.base + "/health").status_code == 200
 
 

@@ -102,7 +102,7 @@ def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device=None, pa
     if device is not None:
         state = {k: v.to(device) for k, v in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [m for m in missing if m.rsplit(".", 1)[-1] not in ("qs", "d", "m")]  # buffers set by swap_in
+    missing = [m for m in missing if m.rsplit(".", 1)[-1] != "data"]  # buffers set by swap_in
     allowed_missing = {"output.weight"} if args.tie_word_embeddings else set()
     if unexpected or set(missing) - allowed_missing:
         raise CheckpointError(path, f"state dict does not fit the model: missing {missing}, unexpected {unexpected}")

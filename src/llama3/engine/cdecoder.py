@@ -23,8 +23,7 @@ import torch
 from torch import nn
 
 from .. import kernels
-from ..kernels.structs import KINDS as _KINDS, KV_DTYPES as _KV_DTYPES, F32 as _F32, CacheDesc as _Cache, \
-    LayerDesc as _Layer, MatDesc as _QMat, ModelDesc as _Model, layout_mismatch
+from ..kernels import KV_DTYPES, Cache, Layer, Model, QMat  # ctypes mirrors, checked against the C at load
 from ..model import Transformer, no_tap
 from ..quantize import QuantEmbedding, QuantLinear
 from .cache import PagedKVCache
@@ -75,28 +74,22 @@ def _f32(t: torch.Tensor, what: str) -> int:
     return t.data_ptr()
 
 
-def _qmat(module: nn.Module, what: str, keep: list) -> _QMat:
+def _qmat(module: nn.Module, what: str, keep: list) -> QMat:
     """A matrix for the C side; ``keep`` collects the tensors it points into (kept alive with it)."""
     if isinstance(module, (QuantLinear, QuantEmbedding)):
-        rows, k = (module.out_features, module.in_features) if isinstance(module, QuantLinear) else \
-            (module.num_embeddings, module.embedding_dim)
-        tensors = [module.qs, module.d] + ([module.m] if module.kind == "q4_1" else [])
-        if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors) or module.d.dtype != torch.float16:
-            raise _NotEligible(f"{what}'s blocks are not contiguous CPU tensors with float16 scales")
-        if k % 32:
-            raise _NotEligible(f"{what} is quantized with rows of {k}")
-        keep.extend(tensors)
-        m = module.m.data_ptr() if module.kind == "q4_1" else None
-        return _QMat(_KINDS[module.kind], module.qs.data_ptr(), module.d.data_ptr(), m, rows, k)
+        if module.data.device.type != "cpu":
+            raise _NotEligible(f"{what}'s blocks are not on the CPU")
+        keep.append(module.data)
+        return kernels.qmat(module.qtensor)
     if isinstance(module, (nn.Linear, nn.Embedding)) and getattr(module, "bias", None) is None:
         w = module.weight
         keep.append(w)
-        return _QMat(_F32, _f32(w, what), None, None, w.shape[0], w.shape[1])
+        return QMat(kernels.KIND_ID["F32"], _f32(w, what), w.shape[0], w.shape[1], 4 * w.shape[1])
     raise _NotEligible(f"{what} is a {type(module).__name__}, which the C step does not run")
 
 
 def _group(modules: list[tuple[nn.Module, str]], keep: list, size: int):
-    mats = (_QMat * size)()
+    mats = (QMat * size)()
     for i, (mod, what) in enumerate(modules):
         mats[i] = _qmat(mod, what, keep)
     return mats, len(modules)
@@ -118,7 +111,7 @@ class CDecoder(TorchDecoder):
         super().__init__(model, cache, batch_invariant=True)
         args = model.args
         keep: list[torch.Tensor] = []
-        layers = (_Layer * args.n_layers)()
+        layers = (Layer * args.n_layers)()
         for i, block in enumerate(model.layers):
             a, f = block.attention, block.feed_forward
             lay = layers[i]
@@ -132,7 +125,7 @@ class CDecoder(TorchDecoder):
             lay.wo = _qmat(a.wo, f"layers.{i}.attention.wo", keep)
             lay.w2 = _qmat(f.w2, f"layers.{i}.feed_forward.w2", keep)
         keep += [model.rope_freqs, model.norm.weight]
-        self._model = _Model(
+        self._model = Model(
             dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.kv_heads,
             head_dim=args.head_dim, hidden=args.hidden_dim, vocab=args.vocab_size, eps=args.norm_eps,
             attn_scale=1.0 / math.sqrt(args.head_dim), rope_freqs=_f32(model.rope_freqs, "rope_freqs"),
@@ -149,14 +142,11 @@ class CDecoder(TorchDecoder):
         lib = kernels.library()
         if lib is None:
             return f"the C kernels are unavailable ({kernels.why_not()})"
-        layout = layout_mismatch(lib)
-        if layout is not None:
-            return layout
         if model.norm.weight.device.type != "cpu":
             return "the model is not on the CPU"
         if any(getattr(m, "tap", no_tap) is not no_tap for m in model.modules()):
             return "a trace is attached (taps run only in forward)"
-        if kv_dtype is not None and kv_dtype not in _KV_DTYPES:
+        if kv_dtype is not None and kv_dtype not in KV_DTYPES:
             return f"the KV cache is {kv_dtype}"
         if not float_weights and not any(isinstance(m, QuantLinear) for m in model.layers.modules()):
             return "the blocks hold float weights (the exact path runs forward)"
@@ -180,7 +170,7 @@ class CDecoder(TorchDecoder):
                 raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab})")
             if not 0 <= p < len(cache.blocks_of(s)) * cache.block_size:
                 raise ValueError(f"position {p} of sequence {s} has no cache block (reserve it first)")
-        c = _Cache(cache.pool.data_ptr(), _KV_DTYPES[cache.dtype], cache.block_size, self.model.args.n_layers)
+        c = Cache(cache.pool.data_ptr(), KV_DTYPES[cache.dtype], cache.block_size, self.model.args.n_layers)
         tables = cache.block_table(slots)
         tok = torch.tensor(list(tokens), dtype=torch.int64)
         pos = torch.tensor(list(positions), dtype=torch.int64)

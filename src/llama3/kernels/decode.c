@@ -1,23 +1,23 @@
 /* The whole decode step in one call: one new token per row through every layer, the same math as
- * llama3/model.py's Transformer.forward with a KV cache (and the quantized linears of qgemv.c),
+ * llama3/model.py's Transformer.forward with a KV cache (and the block matmuls of quants.c),
  * without ~1,000 PyTorch dispatches per token. llama3/engine/cdecoder.py builds the structs and checks
  * which models qualify; tests/test_decoders.py holds it against the PyTorch path.
  *
  * Per layer, for each row b at position pos[b]:
- *   xn = rmsnorm(x) * attn_norm          -> int8 blocks
- *   q, k, v = wqkv . xn                   (one matrix, or wq/wk/wv)
- *   q, k = rope(q, k, pos); cache[pos] = k, v
+ *   xn = rmsnorm(x) * attn_norm          -> the int8 blocks the matrices read (quants.c)
+ *   q, k, v = wq, wk, wv . xn             (one worksharing pass over the three)
+ *   q, k = rope(q, k, pos); cache[pos] = k, v   (the paged cache of llama3/engine/cache.py)
  *   a = softmax(q . K^T / sqrt(D)) . V    over the row's pos + 1 keys (query head h uses KV head h / rep)
  *   x += wo . a
  *   xn = rmsnorm(x) * ffn_norm
- *   g, u = w13 . xn;  x += w2 . (silu(g) * u)
+ *   g, u = w1, w3 . xn;  x += w2 . (silu(g) * u)
  * then logits = output . (rmsnorm(x) * norm).
  *
- * The keys and values live in the paged cache of llama3/engine/cache.py (attention.c reads it through each
- * sequence's block table). One OpenMP parallel region per step; every matrix is split by rows between the
- * threads, and the small per-row work between matrices is split by rows or heads. */
+ * The keys and values live in the paged cache (attention.c reads them through each sequence's block table).
+ * One OpenMP parallel region per step; every matrix is split by rows between the threads, and the small
+ * per-row work between matrices is split by rows or heads. */
 #include <math.h>
-#include <stddef.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,9 +26,9 @@
 typedef struct {
     const float *attn_norm, *ffn_norm;
     qmat qkv[3];
-    int64_t n_qkv; /* 1 (fused wqkv) or 3 (wq, wk, wv); outputs side by side: q | k | v */
+    int64_t n_qkv; /* 3 (wq, wk, wv); outputs side by side: q | k | v */
     qmat w13[2];
-    int64_t n_w13; /* 1 (fused w13) or 2 (w1, w3); outputs: gate | up */
+    int64_t n_w13; /* 2 (w1, w3); outputs: gate | up */
     qmat wo, w2;
 } layer_w;
 
@@ -74,29 +74,20 @@ static void rope(float *x, const float *cos, const float *sin, int64_t D) {
     }
 }
 
-/* Several matrices applied to the same activations, outputs side by side in rows of ldy. */
-static void matmul_list(const qmat *W, int64_t n_w, const acts *X, int64_t n, float *y, int64_t ldy) {
-    int64_t off = 0;
-    for (int64_t i = 0; i < n_w; i++) {
-        matmul_ws(&W[i], X, n, y + off, ldy, 0);
-        off += W[i].rows;
-    }
-}
-
 /* tokens (B), pos (B): the new token of each sequence and its position; tables (B, width): each sequence's
  * block table in the paged cache; logits (B, vocab). 0 on success, -1 when out of memory. */
 int decode_step(const model_w *M, const kv_cache *C, int64_t B, const int64_t *tokens, const int64_t *pos,
                 const int64_t *tables, int64_t width, float *logits, int64_t nthreads) {
     const int64_t dim = M->dim, H = M->n_heads, KVH = M->n_kv_heads, D = M->head_dim, hidden = M->hidden;
-    const int64_t nqkv = (H + 2 * KVH) * D, nbh_ceil = (hidden + QK - 1) / QK, bs = C->block_size;
+    const int64_t nqkv = (H + 2 * KVH) * D, nbh_ceil = (hidden + QK_K - 1) / QK_K, bs = C->block_size;
     const int64_t block_elems = C->n_layers * 2 * KVH * bs * D, esz = C->dtype == KV_F32 ? 4 : 2;
     int64_t maxk = dim > hidden ? dim : hidden;
     if (H * D > maxk) maxk = H * D;
-    const size_t floats = (size_t)(B * (dim + maxk + 2 * (maxk / QK) + nqkv + 2 * hidden + 2 * D));
+    const size_t floats = (size_t)(B * (dim + maxk + nqkv + 2 * hidden + 2 * D));
     int64_t longest = 0;
     for (int64_t b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
     const int64_t max_chunks = (longest + ATT_CHUNK - 1) / ATT_CHUNK;
-    float *x = malloc(floats * sizeof(float) + (size_t)(B * maxk));
+    float *x = malloc(floats * sizeof(float) + acts_bytes(B, maxk));
     float *part = malloc((size_t)(B * H * max_chunks * (D + 2) + B * H * D + nqkv * B) * sizeof(float));
     int64_t *lens = malloc((size_t)B * sizeof(int64_t));
     if (!x || !part || !lens) {
@@ -105,11 +96,12 @@ int decode_step(const model_w *M, const kv_cache *C, int64_t B, const int64_t *t
     }
     for (int64_t b = 0; b < B; b++) lens[b] = pos[b] + 1;
     float *att = part + B * H * max_chunks * (D + 2), *qkv_q = att + B * H * D; /* queries, (B, H, D) */
-    float *xf = x + B * dim, *xd = xf + B * maxk, *xs = xd + B * (maxk / QK), *qkv = xs + B * (maxk / QK);
-    float *h13 = qkv + B * nqkv, *rcos = h13 + B * 2 * hidden, *rsin = rcos + B * D;
-    int8_t *xq = (int8_t *)(rsin + B * D);
-    /* activations of length k live in xf/xq/xd/xs with row stride k */
-    const acts Xdim = {xf, xq, xd, xs, dim}, Xatt = {att, xq, xd, xs, H * D}, Xhid = {xf, xq, xd, xs, hidden};
+    float *xf = x + B * dim, *qkv = xf + B * maxk, *h13 = qkv + B * nqkv, *rcos = h13 + B * 2 * hidden;
+    float *rsin = rcos + B * D;
+    void *abuf = rsin + B * D;
+    /* activations of length k: floats in xf (or att) with row stride k, their quantized forms in abuf */
+    acts Xdim, Xatt, Xhid;
+    acts_init(&Xdim, abuf, xf, B, dim), acts_init(&Xatt, abuf, att, B, H * D), acts_init(&Xhid, abuf, xf, B, hidden);
 
     #pragma omp parallel num_threads((int)nthreads)
     {
@@ -121,13 +113,14 @@ int decode_step(const model_w *M, const kv_cache *C, int64_t B, const int64_t *t
 
         for (int64_t l = 0; l < M->n_layers; l++) {
             const layer_w *L = &M->layers[l];
+            const int need_qkv = act_needs_list(L->qkv, L->n_qkv), need_w13 = act_needs_list(L->w13, L->n_w13);
 
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++) {
                 rmsnorm(x + b * dim, L->attn_norm, dim, M->eps, xf + b * dim);
-                quantize_row(xf + b * dim, dim, xq + b * dim, xd + b * (dim / QK), xs + b * (dim / QK));
+                quantize_acts_row(&Xdim, b, 0, dim, need_qkv);
             }
-            matmul_list(L->qkv, L->n_qkv, &Xdim, B, qkv, nqkv);
+            matmul_list_ws(L->qkv, L->n_qkv, &Xdim, B, qkv, nqkv);
 
             #pragma omp for schedule(static)
             for (int64_t i = 0; i < B * (H + KVH); i++) { /* rope every q and k head; k and v into the cache */
@@ -147,24 +140,22 @@ int decode_step(const model_w *M, const kv_cache *C, int64_t B, const int64_t *t
                                att);
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++)
-                quantize_row(att + b * H * D, H * D, xq + b * H * D, xd + b * (H * D / QK), xs + b * (H * D / QK));
+                quantize_acts_row(&Xatt, b, 0, H * D, act_needs(&L->wo));
             matmul_ws(&L->wo, &Xatt, B, x, dim, 1);
 
             #pragma omp for schedule(static)
             for (int64_t b = 0; b < B; b++) {
                 rmsnorm(x + b * dim, L->ffn_norm, dim, M->eps, xf + b * dim);
-                quantize_row(xf + b * dim, dim, xq + b * dim, xd + b * (dim / QK), xs + b * (dim / QK));
+                quantize_acts_row(&Xdim, b, 0, dim, need_w13);
             }
-            matmul_list(L->w13, L->n_w13, &Xdim, B, h13, 2 * hidden);
+            matmul_list_ws(L->w13, L->n_w13, &Xdim, B, h13, 2 * hidden);
 
             #pragma omp for schedule(static)
-            for (int64_t i = 0; i < B * nbh_ceil; i++) { /* silu(gate) * up, block by block */
-                const int64_t b = i / nbh_ceil, blk = i % nbh_ceil, j0 = blk * QK;
+            for (int64_t i = 0; i < B * nbh_ceil; i++) { /* silu(gate) * up, a super-block at a time */
+                const int64_t b = i / nbh_ceil, j0 = i % nbh_ceil * QK_K, j1 = j0 + QK_K < hidden ? j0 + QK_K : hidden;
                 const float *g = h13 + b * 2 * hidden + j0, *u = g + hidden;
-                float *a = xf + b * hidden + j0;
-                silu_mul(g, u, hidden - j0 < QK ? hidden - j0 : QK, a);
-                if (blk < hidden / QK) /* (a partial last block only happens with float matrices) */
-                    quantize_row(a, QK, xq + b * hidden + j0, xd + b * (hidden / QK) + blk, xs + b * (hidden / QK) + blk);
+                silu_mul(g, u, j1 - j0, xf + b * hidden + j0);
+                quantize_acts_row(&Xhid, b, j0, j1, act_needs(&L->w2));
             }
             matmul_ws(&L->w2, &Xhid, B, x, dim, 1);
         }
@@ -172,7 +163,7 @@ int decode_step(const model_w *M, const kv_cache *C, int64_t B, const int64_t *t
         #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; b++) {
             rmsnorm(x + b * dim, M->norm, dim, M->eps, xf + b * dim);
-            quantize_row(xf + b * dim, dim, xq + b * dim, xd + b * (dim / QK), xs + b * (dim / QK));
+            quantize_acts_row(&Xdim, b, 0, dim, act_needs(&M->output));
         }
         matmul_ws(&M->output, &Xdim, B, logits, M->vocab, 0);
     }
@@ -180,26 +171,27 @@ int decode_step(const model_w *M, const kv_cache *C, int64_t B, const int64_t *t
     return 0;
 }
 
-/* Sizes and field offsets of the structs that llama3/kernels/structs.py mirrors with ctypes, checked before the
- * step is used: (sizeof, offsets of every field in declaration order) per struct in a fixed order, then the
- * cache dtype enum's values. */
-int64_t decode_struct_layout(int64_t *out, int64_t cap) {
-    const int64_t v[] = {
-        sizeof(qmat), offsetof(qmat, kind), offsetof(qmat, qs), offsetof(qmat, d), offsetof(qmat, m),
-        offsetof(qmat, rows), offsetof(qmat, k),
-        sizeof(layer_w), offsetof(layer_w, attn_norm), offsetof(layer_w, ffn_norm), offsetof(layer_w, qkv),
-        offsetof(layer_w, n_qkv), offsetof(layer_w, w13), offsetof(layer_w, n_w13), offsetof(layer_w, wo),
-        offsetof(layer_w, w2),
-        sizeof(model_w), offsetof(model_w, dim), offsetof(model_w, n_layers), offsetof(model_w, n_heads),
-        offsetof(model_w, n_kv_heads), offsetof(model_w, head_dim), offsetof(model_w, hidden),
-        offsetof(model_w, vocab), offsetof(model_w, eps), offsetof(model_w, attn_scale),
-        offsetof(model_w, rope_freqs), offsetof(model_w, embed), offsetof(model_w, norm), offsetof(model_w, output),
-        offsetof(model_w, layers),
-        sizeof(kv_cache), offsetof(kv_cache, pool), offsetof(kv_cache, dtype), offsetof(kv_cache, block_size),
-        offsetof(kv_cache, n_layers),
-        KV_F32, KV_F16, KV_BF16, /* the cache dtype enum */
-    };
-    const int64_t n = (int64_t)(sizeof(v) / sizeof(v[0]));
-    for (int64_t i = 0; i < n && i < cap; i++) out[i] = v[i];
-    return n;
+/* Sizes and field offsets of the structs llama3/kernels/__init__.py mirrors with ctypes ("name size" and
+ * "name.field offset" lines), and the cache dtype enum ("KV_F16 1"); it checks them when it loads the library. */
+#define LAYOUT_STRUCT(T) at += snprintf(buf + at, sizeof(buf) - (size_t)at, #T " %zu\n", sizeof(T))
+#define LAYOUT_FIELD(T, f) at += snprintf(buf + at, sizeof(buf) - (size_t)at, #T "." #f " %zu\n", offsetof(T, f))
+const char *struct_layout(void) {
+    static char buf[4096];
+    int at = 0;
+    LAYOUT_STRUCT(qmat), LAYOUT_FIELD(qmat, kind), LAYOUT_FIELD(qmat, data), LAYOUT_FIELD(qmat, rows);
+    LAYOUT_FIELD(qmat, k), LAYOUT_FIELD(qmat, row_bytes);
+    LAYOUT_STRUCT(acts), LAYOUT_FIELD(acts, f), LAYOUT_FIELD(acts, q8), LAYOUT_FIELD(acts, d8);
+    LAYOUT_FIELD(acts, s8), LAYOUT_FIELD(acts, qk), LAYOUT_FIELD(acts, dk), LAYOUT_FIELD(acts, bk), LAYOUT_FIELD(acts, k);
+    LAYOUT_STRUCT(layer_w), LAYOUT_FIELD(layer_w, attn_norm), LAYOUT_FIELD(layer_w, ffn_norm), LAYOUT_FIELD(layer_w, qkv);
+    LAYOUT_FIELD(layer_w, n_qkv), LAYOUT_FIELD(layer_w, w13), LAYOUT_FIELD(layer_w, n_w13), LAYOUT_FIELD(layer_w, wo);
+    LAYOUT_FIELD(layer_w, w2);
+    LAYOUT_STRUCT(model_w), LAYOUT_FIELD(model_w, dim), LAYOUT_FIELD(model_w, n_layers), LAYOUT_FIELD(model_w, n_heads);
+    LAYOUT_FIELD(model_w, n_kv_heads), LAYOUT_FIELD(model_w, head_dim), LAYOUT_FIELD(model_w, hidden);
+    LAYOUT_FIELD(model_w, vocab), LAYOUT_FIELD(model_w, eps), LAYOUT_FIELD(model_w, attn_scale);
+    LAYOUT_FIELD(model_w, rope_freqs), LAYOUT_FIELD(model_w, embed);
+    LAYOUT_FIELD(model_w, norm), LAYOUT_FIELD(model_w, output), LAYOUT_FIELD(model_w, layers);
+    LAYOUT_STRUCT(kv_cache), LAYOUT_FIELD(kv_cache, pool), LAYOUT_FIELD(kv_cache, dtype);
+    LAYOUT_FIELD(kv_cache, block_size), LAYOUT_FIELD(kv_cache, n_layers);
+    at += snprintf(buf + at, sizeof(buf) - (size_t)at, "KV_F32 %d\nKV_F16 %d\nKV_BF16 %d\n", KV_F32, KV_F16, KV_BF16);
+    return buf;
 }

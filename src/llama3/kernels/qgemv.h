@@ -1,40 +1,70 @@
-/* Shared by qgemv.c (block kernels) and decode.c (the fused decode step). */
+/* Shared by quants.c (GGUF block kernels), qgemv.c (SiLU), attention.c (paged decode attention) and decode.c (the
+ * fused decode step). */
 #ifndef LLAMA3_QGEMV_H
 #define LLAMA3_QGEMV_H
 
 #include <immintrin.h>
+#include <stddef.h>
 #include <stdint.h>
 
-#define QK 32
+#define QK 32    /* elements per block of the legacy formats (Q4_0 ... Q8_0, IQ4_NL) and of Q8 activations */
+#define QK_K 256 /* elements per super-block of the K-quants and IQ4_XS, and of Q8_K activations */
 
-enum { KIND_Q8 = 0, KIND_Q4_0 = 1, KIND_Q4_1 = 2, KIND_F32 = 3 };
+/* Weight kinds, defined once: X(name, GGML type id (ggml.h's enum ggml_type, gguf-py's GGMLQuantizationType),
+ * values per block, bytes per block). The Python side checks them against gguf-py when it loads the library. */
+#define GGML_KINDS(X)                                                                                          \
+    X(F32, 0, 1, 4) X(F16, 1, 1, 2) X(BF16, 30, 1, 2) X(Q4_0, 2, 32, 18) X(Q4_1, 3, 32, 20) X(Q5_0, 6, 32, 22)  \
+    X(Q5_1, 7, 32, 24) X(Q8_0, 8, 32, 34) X(Q2_K, 10, 256, 84) X(Q3_K, 11, 256, 110) X(Q4_K, 12, 256, 144)     \
+    X(Q5_K, 13, 256, 176) X(Q6_K, 14, 256, 210) X(IQ4_NL, 20, 32, 18) X(IQ4_XS, 23, 256, 136)
 
-/* A weight matrix (rows, k). Quantized kinds: see the layouts in qgemv.c (scales d and offsets m are
- * float16 bits, as in GGUF); KIND_F32: qs is float (rows, k). */
+#define KIND_ENUM(name, id, elems, bytes) KIND_##name = id,
+enum { GGML_KINDS(KIND_ENUM) };
+
+/* A weight matrix (rows, k): each row is k / block_elems blocks exactly as a GGUF file stores them
+ * (row_bytes apart; for F32/F16/BF16 a block is one value). */
 typedef struct {
     int64_t kind;
-    const void *qs;
-    const uint16_t *d, *m;
-    int64_t rows, k;
+    const uint8_t *data;
+    int64_t rows, k, row_bytes;
 } qmat;
 
-/* n rows of activations of length k: the float values and their int8 blocks (q, scale d, s = d * sum(q)). */
+/* n rows of activations of length k (row stride k): the float values and the quantized forms the weights read.
+ *   ACT_Q8  (legacy kinds, IQ4_NL): int8 blocks of 32, q8 (n, k), scale d8 (n, k/32), s8 = d8 * sum(q) (n, k/32)
+ *   ACT_Q8K (K-quants, IQ4_XS):     int8 blocks of 256, qk (n, k), scale dk (n, k/256), sums of 16 bk (n, k/16)
+ * Float kinds (F32, F16, BF16) read f. Both are llama.cpp's pairings (its Q8_0/Q8_1 and Q8_K). */
 typedef struct {
     const float *f;
-    const int8_t *q;
-    const float *d, *s;
+    int8_t *q8;
+    float *d8, *s8;
+    int8_t *qk;
+    float *dk;
+    int16_t *bk;
     int64_t k;
 } acts;
 
+enum { ACT_Q8 = 1, ACT_Q8K = 2 };
+
+int act_needs(const qmat *W);                       /* the ACT_* forms W's kind reads */
+int act_needs_list(const qmat *W, int64_t n_w);     /* ... any of n_w matrices reads */
+size_t acts_bytes(int64_t n, int64_t k);            /* a buffer for every form of n rows of k */
+void acts_init(acts *X, void *buf, const float *f, int64_t n, int64_t k); /* X's forms laid out in buf */
+
+/* Elements [j0, j1) of row t of X->f into the forms in needs (j0, j1 multiples of QK_K, or j1 = k; a block
+ * cut by j1 is skipped, which only float kinds allow). Touches only that span: call it per row or span
+ * inside a parallel region. */
+void quantize_acts_row(const acts *X, int64_t t, int64_t j0, int64_t j1, int needs);
+
 /* y[t * ldy + r] (+)= row r of W . activation row t, for every row of W and t < n. A worksharing construct:
- * inside a parallel region the rows are split among the threads (then a barrier); outside, one thread. */
+ * inside a parallel region the rows are split among the threads (then a barrier); outside, one thread.
+ * Each (row, activation row) product takes the same operations whatever n and the thread count. */
 void matmul_ws(const qmat *W, const acts *X, int64_t n, float *y, int64_t ldy, int add);
 
-/* Row r of W as k floats. */
-void dequant_row(const qmat *W, int64_t r, float *out);
+/* n_w matrices on the same activations, outputs side by side in rows of ldy (W[0]'s rows, then W[1]'s ...):
+ * one worksharing loop over all their rows, so one barrier. */
+void matmul_list_ws(const qmat *W, int64_t n_w, const acts *X, int64_t n, float *y, int64_t ldy);
 
-/* One row of k floats (k a multiple of 32) to int8 blocks. */
-void quantize_row(const float *x, int64_t k, int8_t *q, float *d, float *s);
+/* Row r of W as k floats, exactly as gguf-py's dequantize computes them. */
+void dequant_row(const qmat *W, int64_t r, float *out);
 
 /* out = silu(g) * u, n floats. */
 void silu_mul(const float *g, const float *u, int64_t n, float *out);
@@ -54,17 +84,6 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
     for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
     float s = hsum8(acc);
     for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* sum a[i] b[i] with a in float16: 8 lanes, then the tail in order. */
-static inline float dot_f16_f32(const uint16_t *a, const float *b, int64_t n) {
-    __m256 acc = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(a + i))), _mm256_loadu_ps(b + i), acc);
-    float s = hsum8(acc);
-    for (; i < n; i++) s += _cvtsh_ss(a[i]) * b[i];
     return s;
 }
 
