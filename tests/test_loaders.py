@@ -134,11 +134,32 @@ def test_meta_original_subfolder_is_found(tmp_path):
     assert fmt == "meta" and path.name == "original"
 
 
-def write_gguf(path, args, state, qtype_name, tied=False, rope_freqs=None, extra=None):
-    """A GGUF file written by gguf's own GGUFWriter from a Meta-named state dict."""
+def gguf_metadata(args) -> dict:
+    """The llama.* keys a converter writes for ``args``: key -> (value, GGUFValueType)."""
+    from gguf import GGUFValueType as V
+
+    return {"llama.block_count": (args.n_layers, V.UINT32), "llama.context_length": (args.max_seq_len, V.UINT32),
+            "llama.embedding_length": (args.dim, V.UINT32), "llama.feed_forward_length": (args.hidden_dim, V.UINT32),
+            "llama.attention.head_count": (args.n_heads, V.UINT32),
+            "llama.attention.head_count_kv": (args.kv_heads, V.UINT32),
+            "llama.rope.freq_base": (args.rope_theta, V.FLOAT32),
+            "llama.attention.layer_norm_rms_epsilon": (args.norm_eps, V.FLOAT32),
+            "llama.vocab_size": (args.vocab_size, V.UINT32)}
+
+
+def write_gguf(path, args, state, qtype_name, tied=False, rope_freqs=None, extra=None, types=None, metadata=None,
+               seed=0):
+    """A GGUF file written by gguf's own GGUFWriter from a Meta-named state dict. Returns the float32
+    tensors the file holds (what a reader must give back).
+
+    ``types``: Meta name -> GGML type, overriding ``qtype_name`` per matrix; kinds gguf-py cannot
+    quantize (K-quants, IQ4_*) are written as random blocks (``random_blocks``). ``metadata``: key ->
+    (value, GGUFValueType) added or replacing the llama.* defaults, or None to leave a key out.
+    ``extra``: key -> string.
+    """
     import gguf
 
-    from llama3.weights.gguf import GGUF_TO_META
+    from llama3.weights.gguf import GGUF_TO_META, random_blocks
 
     meta_to_gguf = {}
     for g, m in GGUF_TO_META.items():
@@ -148,30 +169,32 @@ def write_gguf(path, args, state, qtype_name, tied=False, rope_freqs=None, extra
         else:
             meta_to_gguf[m] = g
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(args.n_layers)
-    w.add_context_length(args.max_seq_len)
-    w.add_embedding_length(args.dim)
-    w.add_feed_forward_length(args.hidden_dim)
-    w.add_head_count(args.n_heads)
-    w.add_head_count_kv(args.kv_heads)
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.norm_eps)
-    w.add_vocab_size(args.vocab_size)
+    keys = gguf_metadata(args)
+    keys.update(metadata or {})
+    for key, item in keys.items():
+        if item is not None:
+            w.add_key_value(key, item[0], item[1], sub_type=item[2] if len(item) > 2 else None)
     for key, value in (extra or {}).items():
         w.add_string(key, value)
-    qtype = getattr(gguf.GGMLQuantizationType, qtype_name)
+    rng = np.random.default_rng(seed)
     expected = {}
     for name, t in state.items():
         if tied and name == "output.weight":
             continue
         arr = t.float().numpy()
-        if arr.ndim == 1 or qtype_name == "F32":
+        kind = (types or {}).get(name, qtype_name)
+        tt = gguf.GGMLQuantizationType[kind]
+        if arr.ndim == 1 or kind == "F32":
             data, tt = arr.astype(np.float32), gguf.GGMLQuantizationType.F32
-        elif qtype_name == "F16":
-            data, tt = arr.astype(np.float16), qtype
+        elif kind == "F16":
+            data = arr.astype(np.float16)
         else:
-            data, tt = gguf.quants.quantize(arr, qtype), qtype
-        back = data.astype(np.float32) if tt != qtype or qtype_name == "F16" else gguf.quants.dequantize(data, qtype)
+            try:
+                data = gguf.quants.quantize(arr, tt)
+            except NotImplementedError:
+                data = random_blocks(kind, *arr.shape, rng)
+        back = data if tt in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16) \
+            else gguf.quants.dequantize(data, tt)
         expected[name] = torch.from_numpy(np.asarray(back, dtype=np.float32).reshape(t.shape))
         w.add_tensor(meta_to_gguf[name], data, raw_dtype=tt)
     if rope_freqs is not None:

@@ -21,6 +21,8 @@ import torch
 
 QK = 32
 _KIND_ID = {"q8": 0, "q4_0": 1, "q4_1": 2}
+# The GGML kinds whose blocks these kernels run as they are stored in a GGUF file.
+SUPPORTED_KINDS = frozenset({"Q8_0", "Q4_0", "Q4_1"})
 _SOURCES = [Path(__file__).with_name(n) for n in ("qgemv.h", "qgemv.c", "decode.c")]
 _lib = None
 _tried = False
