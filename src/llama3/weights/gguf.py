@@ -29,8 +29,8 @@ import numpy as np
 import torch
 
 from ..config import ModelArgs
-from .common import (MAX_CONTEXT, Checkpoint, CheckpointError, FileMap, ReadOptions, check_finite, check_layers,
-                     check_shapes, finish_tensor, need_bool, need_float, need_int, need_str, show)
+from .common import (MAX_CONTEXT, QUANTIZE_CHUNK, Checkpoint, CheckpointError, FileMap, ReadOptions, check_finite,
+                     check_layers, check_shapes, finish_tensor, need_bool, need_float, need_int, need_str, show)
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -464,7 +464,7 @@ def _supported_types() -> set[str]:
 SUPPORTED_TYPES = _supported_types()  # every type we can read (the last resort: gguf-py's dequantize)
 
 
-def check_scales(path: str, name: str, kind: str, raw: np.ndarray) -> None:
+def check_scales(path: str, name: str, kind: str, raw: np.ndarray, shape: tuple[int, ...]) -> None:
     """Refuse NaN/inf in a tensor still in its blocks: the float16 scales and mins are where they
     would be (the integer parts cannot hold one). F16/BF16/F32 are checked whole."""
     if kind in _FLOAT_VIEWS:
@@ -475,7 +475,7 @@ def check_scales(path: str, name: str, kind: str, raw: np.ndarray) -> None:
         for off in offsets:  # (n_blocks,) float16, gathered: 2 bytes per block
             check_finite(path, name, torch.from_numpy(np.ascontiguousarray(blocks[:, off:off + 2]).view(np.float16)))
     else:
-        check_finite(path, name, _dequantize(path, name, kind, raw))
+        check_finite(path, name, _dequantize(path, name, kind, raw, shape))
 
 
 def _float_view(raw: np.ndarray, kind: str) -> torch.Tensor:
@@ -483,13 +483,21 @@ def _float_view(raw: np.ndarray, kind: str) -> torch.Tensor:
     return torch.from_numpy(raw).view(_FLOAT_VIEWS[kind])
 
 
-def _dequantize(path: str, name: str, kind: str, raw: np.ndarray) -> torch.Tensor:
+def _dequantize(path: str, name: str, kind: str, raw: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
+    """gguf-py's dequantization to float32, a few rows at a time into the result (gguf-py makes several
+    temporaries of its input's size: unchunked, a 2 GB embedding would briefly cost 8 GB)."""
     import gguf
 
+    out = torch.empty(shape, dtype=torch.float32)
+    rows, k = out.view(-1, shape[-1]), shape[-1]
+    blocks = raw.reshape(rows.shape[0], -1)
+    step = max(1, QUANTIZE_CHUNK // k)
     try:
-        return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]).reshape(-1))
+        for i in range(0, rows.shape[0], step):
+            rows[i:i + step] = torch.from_numpy(gguf.quants.dequantize(blocks[i:i + step], gguf.GGMLQuantizationType[kind]))
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file
         raise CheckpointError(path, f"tensor {name!r}: cannot dequantize {kind}: {e}") from None
+    return out
 
 
 def read_tensor(path: str, meta: str, info: TensorInfo, raw: np.ndarray, opts: ReadOptions, dequantized: list):
@@ -500,15 +508,15 @@ def read_tensor(path: str, meta: str, info: TensorInfo, raw: np.ndarray, opts: R
         from ..quantize import QuantTensor
 
         if opts.check:
-            check_scales(path, meta, info.kind, raw)
+            check_scales(path, meta, info.kind, raw, info.shape)
         return QuantTensor.from_gguf(raw, info.kind, info.shape)
     if info.kind in _FLOAT_VIEWS:
         t = _float_view(raw, info.kind)
     else:
         if opts.check and info.kind in BLOCK_SCALES:
-            check_scales(path, meta, info.kind, raw)
+            check_scales(path, meta, info.kind, raw, info.shape)
             opts = dataclasses.replace(opts, check=False)  # checked: no second pass over the float copy
-        t = _dequantize(path, meta, info.kind, raw)
+        t = _dequantize(path, meta, info.kind, raw, info.shape)
         if matrix and opts.keep and not opts.quantize:
             dequantized.append((meta, info.kind))
     return finish_tensor(path, meta, t.view(info.shape), opts, dequantized)
