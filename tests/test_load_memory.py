@@ -60,32 +60,25 @@ print(json.dumps({"load_mb": loaded - base, "peak_mb": mb("VmHWM") - base, "tens
 """
 
 
-def _meta_state(rng) -> dict[str, torch.Tensor]:
-    from llama3.weights.common import expected_shapes
-
-    return {name: torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * (1.0 if len(shape) == 1 else 0.02))
-            .to(torch.bfloat16) for name, shape in expected_shapes(ARGS).items()}
-
-
-@pytest.fixture(scope="module")
-def files(tmp_path_factory):
-    """The same random model as a Q8_0 GGUF, an F16 GGUF, an HF bf16 folder and a Meta bf16 folder."""
+def write_files(root, args: ModelArgs = ARGS) -> dict:
+    """One random model as a Q8_0 GGUF, an F16 GGUF, an HF bf16 folder and a Meta bf16 folder in ``root``."""
     import gguf
     from safetensors.torch import save_file
 
+    from llama3.weights.common import expected_shapes
     from llama3.weights.gguf import GGUF_TO_META
     from llama3.weights.hf import HF_TO_META, meta_to_hf_qk
     from test_loaders import gguf_metadata
 
-    root = tmp_path_factory.mktemp("load-memory")
     rng = np.random.default_rng(0)
-    state = _meta_state(rng)
-    to_gguf = {m.format(i=i): g.format(i=i) for g, m in GGUF_TO_META.items() for i in range(ARGS.n_layers)}
+    state = {name: torch.from_numpy(rng.standard_normal(shape, dtype=np.float32) * (1.0 if len(shape) == 1 else 0.02))
+             .to(torch.bfloat16) for name, shape in expected_shapes(args).items()}
+    to_gguf = {m.format(i=i): g.format(i=i) for g, m in GGUF_TO_META.items() for i in range(args.n_layers)}
     out = {}
     for kind in ("Q8_0", "F16"):
         path = out[kind] = root / f"model-{kind}.gguf"
         w = gguf.GGUFWriter(str(path), "llama")
-        for key, (value, vtype) in gguf_metadata(ARGS).items():
+        for key, (value, vtype) in gguf_metadata(args).items():
             w.add_key_value(key, value, vtype)
         for name, t in state.items():
             arr = t.float().numpy()
@@ -98,23 +91,28 @@ def files(tmp_path_factory):
         w.close()
     hf = out["hf"] = root / "hf"
     hf.mkdir()
-    to_hf = {m.format(i=i): h.format(i=i) for h, m in HF_TO_META.items() for i in range(ARGS.n_layers)}
-    heads = {"wq": ARGS.n_heads, "wk": ARGS.kv_heads}
+    to_hf = {m.format(i=i): h.format(i=i) for h, m in HF_TO_META.items() for i in range(args.n_layers)}
+    heads = {"wq": args.n_heads, "wk": args.kv_heads}
     save_file({to_hf[n]: (meta_to_hf_qk(t, heads[n.split(".")[-2]]) if n.split(".")[-2] in heads else t).contiguous()
                for n, t in state.items()}, hf / "model.safetensors")
     (hf / "config.json").write_text(json.dumps({
-        "model_type": "llama", "hidden_size": ARGS.dim, "num_hidden_layers": ARGS.n_layers,
-        "num_attention_heads": ARGS.n_heads, "num_key_value_heads": ARGS.kv_heads, "intermediate_size": ARGS.hidden_dim,
-        "vocab_size": ARGS.vocab_size, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 2048,
+        "model_type": "llama", "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads, "num_key_value_heads": args.kv_heads, "intermediate_size": args.hidden_dim,
+        "vocab_size": args.vocab_size, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "max_position_embeddings": 2048,
         "tie_word_embeddings": False}))
     meta = out["meta"] = root / "meta"
     meta.mkdir()
     torch.save(state, meta / "consolidated.00.pth")
     (meta / "params.json").write_text(json.dumps({
-        "dim": ARGS.dim, "n_layers": ARGS.n_layers, "n_heads": ARGS.n_heads, "n_kv_heads": ARGS.kv_heads,
-        "vocab_size": ARGS.vocab_size, "multiple_of": 1024, "ffn_dim_multiplier": 1.5, "norm_eps": 1e-5,
+        "dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.kv_heads,
+        "vocab_size": args.vocab_size, "multiple_of": 1024, "ffn_dim_multiplier": 1.5, "norm_eps": 1e-5,
         "rope_theta": 500000.0}))
     return out
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    return write_files(tmp_path_factory.mktemp("load-memory"))
 
 
 def load_in_child(path, keep=(), quantize=None) -> dict:
