@@ -473,9 +473,10 @@ def check_scales(path: str, name: str, kind: str, raw: np.ndarray, shape: tuple[
         check_finite(path, name, _float_view(raw, kind))
     elif kind in BLOCK_SCALES:
         block, offsets = BLOCK_SCALES[kind]
-        blocks = raw.reshape(-1, block)
-        for off in offsets:  # (n_blocks,) float16, gathered: 2 bytes per block
-            check_finite(path, name, torch.from_numpy(np.ascontiguousarray(blocks[:, off:off + 2]).view(np.float16)))
+        halves = torch.from_numpy(raw).view(torch.float16)  # every block size and scale offset is even
+        for off in offsets:  # (n_blocks,) float16 scales, a strided view: read in place, nothing gathered
+            scales = halves.as_strided((raw.size // block,), (block // 2,), halves.storage_offset() + off // 2)
+            check_finite(path, name, scales)
     else:
         check_finite(path, name, _dequantize(path, name, kind, raw, shape))
 
@@ -546,6 +547,7 @@ def load_gguf(path: str, opts: ReadOptions = ReadOptions(), progress=None):
     fm = FileMap(path)
     state, dequantized, in_place = {}, [], set()
     for meta, info in infos.items():
+        fm.populate(info.offset, info.n_bytes)
         raw = fm.bytes[info.offset:info.offset + info.n_bytes]
         value = state[meta] = read_tensor(path, meta, info, raw, opts, dequantized)
         if fm.holds(value, info.offset, info.n_bytes):

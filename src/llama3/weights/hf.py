@@ -292,6 +292,7 @@ def load_hf(folder, opts: ReadOptions = ReadOptions(), progress=None) -> Checkpo
         for meta, (src, key, e) in where.items():
             if src != file or (meta == "output.weight" and args.tie_word_embeddings):
                 continue
+            fm.populate(e.begin, e.end - e.begin)
             t = convert_tensor(meta, _view(file, fm, key, e), args)
             value = state[meta] = finish_tensor(file, meta, t, opts, dequantized)
             if fm.holds(value, e.begin, e.end - e.begin):

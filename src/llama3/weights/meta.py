@@ -21,7 +21,8 @@ import torch
 
 from ..config import PRESETS, ModelArgs
 from .common import (MAX_CONTEXT, Checkpoint, CheckpointError, ReadOptions, check_layers, check_shapes, file_ranges,
-                     finish_tensor, need_bool, need_float, need_int, read_json_object, release_pages, shares_memory, show)
+                     finish_tensor, need_bool, need_float, need_int, populate_pages, read_json_object, release_pages,
+                     shares_memory, show)
 
 _SPLIT_DIM = {"tok_embeddings": 0, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0, "wo": 1, "w2": 1}
 
@@ -175,14 +176,20 @@ def load_meta(folder, opts: ReadOptions = ReadOptions(), progress=None) -> Check
             continue
         parts = [s[name] for s in shards]
         dim = split_dim(name) if len(parts) > 1 else None
+        nbytes = [p.numel() * p.element_size() for p in parts]
+        # The end of the file mapping each part lies in (None: not in one; then its pages are left alone).
+        ends = [next((end for start, end in ranges if start <= p.data_ptr() and p.data_ptr() + n <= end), None)
+                for p, n, ranges in zip(parts, nbytes, mapped)]
+        for part, n, end in list(zip(parts, nbytes, ends))[:None if dim is not None else 1]:
+            if end is not None:
+                populate_pages(part.data_ptr(), n, end)
         t = parts[0] if dim is None else torch.cat(parts, dim=dim)
         value = state[name] = finish_tensor(folder, name, t, opts, dequantized)
-        nbytes = [p.numel() * p.element_size() for p in parts]
         if dim is None and shares_memory(value, t.data_ptr(), nbytes[0]):
             in_place.add(name)
         else:  # converted: the shards' pages behind it leave the resident set
-            for part, n, ranges in zip(parts, nbytes, mapped):
-                if any(start <= part.data_ptr() and part.data_ptr() + n <= end for start, end in ranges):
+            for part, n, end in zip(parts, nbytes, ends):
+                if end is not None:
                     release_pages(part.data_ptr(), n)
         if progress is not None:
             progress(sum(nbytes))
