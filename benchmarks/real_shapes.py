@@ -244,7 +244,7 @@ def llama_cpp_quantize(src: Path, dst: Path, ftype: str, threads: int) -> None:
 
 
 def build(model: str, kinds: list[str], with_llama_cpp: bool, threads: int) -> dict[str, dict[str, Path]]:
-    """Every file a run needs: {kind: {"ours": path, "llama.cpp": path}}, built once into the cache."""
+    """Every file a run needs: {kind: {"llama3": path, "llama.cpp": path}}, built once into the cache."""
     from llama3 import ModelArgs
 
     args = ModelArgs.from_preset(MODELS[model])
@@ -266,7 +266,7 @@ def build(model: str, kinds: list[str], with_llama_cpp: bool, threads: int) -> d
     for kind in kinds:
         if kind == "hf":
             hf = made(folder / "hf-bf16", "random bf16", lambda: write_hf(folder / "hf-bf16", args))
-            files[kind] = {"ours": hf, "llama.cpp": f16}
+            files[kind] = {"llama3": hf, "llama.cpp": f16}
             continue
         ours = f16 if kind == "F16" else made(folder / f"{kind}.gguf", f"random blocks, llama.cpp's types",
                                               lambda: write_gguf(folder / f"{kind}.gguf", args, kind, MODELS[model]))
@@ -274,7 +274,7 @@ def build(model: str, kinds: list[str], with_llama_cpp: bool, threads: int) -> d
         if with_llama_cpp and kind != "F16":
             dst = folder / f"{kind}.llama-cpp.gguf"
             theirs = made(dst, "llama.cpp's quantizer", lambda: llama_cpp_quantize(f16, dst, kind, threads))
-        files[kind] = {"ours": ours, "llama.cpp": theirs}
+        files[kind] = {"llama3": ours, "llama.cpp": theirs}
     return files
 
 

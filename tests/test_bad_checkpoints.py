@@ -62,7 +62,7 @@ def refused(path, *needles, max_alloc=4 * MB, max_rss_mb=64, max_seconds=5.0, **
 
 @pytest.fixture(scope="module")
 def tiny():
-    hf = hf_model("gqa2")
+    hf = hf_model("gqa2", intermediate_size=256)  # Meta's FFN rule for dim 64 gives 256
     return hf, *meta_state_from_hf(hf)
 
 
@@ -200,7 +200,7 @@ def test_hf_tensor_of_wrong_shape(tmp_path, tiny):
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 100
     (tmp_path / "config.json").write_text(json.dumps(config))
-    refused(tmp_path, "tensor layers.0.feed_forward.w1.weight has shape (128, 64), expected (100, 64)")
+    refused(tmp_path, "tensor layers.0.feed_forward.w1.weight has shape (256, 64), expected (100, 64)")
 
 
 def test_hf_missing_tensor(tmp_path, tiny):
@@ -496,10 +496,9 @@ def test_gguf_non_finite_weights(tmp_path, tiny256, kind, where, value):
     assert not torch.isfinite(torch.cat([t.reshape(-1) for t in ckpt.state.values()])).all()
 
 
-def test_hf_and_meta_non_finite_weights(tmp_path):
-    hf = hf_model("gqa2", intermediate_size=256)  # Meta's FFN rule for dim 64 gives 256
-    args, state = meta_state_from_hf(hf)
-    bf16 = hf.to(torch.bfloat16)
+def test_hf_and_meta_non_finite_weights(tmp_path, tiny):
+    hf, args, state = tiny
+    bf16 = hf_model("gqa2", intermediate_size=256).to(torch.bfloat16)
     with torch.no_grad():
         bf16.model.layers[1].mlp.down_proj.weight[3, 5] = float("nan")
     bf16.save_pretrained(tmp_path / "hf")
@@ -657,3 +656,12 @@ def test_gguf_large_metadata_array_is_not_amplified(tmp_path, elem):
     assert len(md["x.big"]) == count and md["x.big"][-1] == ("a" if elem == "string" else n - 1)
     assert md["x.big"].nbytes < 1.9 * len(payload)
     assert peak < 2.5 * len(payload), f"{peak / MB:.0f} MB for a {len(payload) / MB:.0f} MB array"
+
+
+def test_weights_of_a_non_float_dtype(tmp_path, tiny):
+    _, args, state = tiny
+    save_meta(tmp_path / "meta", args, state, 1)
+    _rewrite_shards(tmp_path / "meta", lambda s: s.update({"norm.weight": torch.ones(64, dtype=torch.int64)}))
+    refused(tmp_path / "meta", "tensor norm.weight has dtype torch.int64; weights must be float32, float16 or bfloat16")
+    hf_model("gqa2").to(torch.float64).save_pretrained(tmp_path / "hf")
+    refused(tmp_path / "hf", "has dtype F64; weights must be F32, F16 or BF16")

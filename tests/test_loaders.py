@@ -7,6 +7,7 @@ between attention kernels is ~5e-5 on logits of magnitude ~20.
 """
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -483,3 +484,25 @@ def test_tokenizer_from_compact_metadata_equals_from_lists():
     compact, plain = tokenizer_from_gguf(md, "smollm2"), tokenizer_from_gguf(lists, "smollm2")
     for text in ["Hello, world!", "def f(x):\n    return x ** 2", "Ünïcödé 日本語 🙂", "<|im_start|>user"]:
         assert compact.encode(text, allow_special=True) == plain.encode(text, allow_special=True)
+
+
+def test_real_shapes_writes_llama_cpps_type_mix():
+    """benchmarks/real_shapes.py gives each tensor the type llama.cpp's quantizer gives it. The counts are
+    those of llama-cpp-python 0.3.36's own Q4_K_M / Q4_0 / Q8_0 files of the Llama-3.2-1B shape (made
+    from the F16 file; every tensor's type matched one for one)."""
+    import collections
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("real_shapes", os.path.join(os.path.dirname(__file__), "..",
+                                                                             "benchmarks", "real_shapes.py"))
+    rs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rs)
+    args = llama3.ModelArgs.from_preset("llama-3.2-1b")
+    plan = rs.gguf_plan(args)
+    counts = {ftype: collections.Counter(rs.tensor_type(name, ftype, args.n_layers, args.tie_word_embeddings)
+                                         for name, _ in plan) for ftype in ("Q4_K_M", "Q4_0", "Q8_0")}
+    assert counts["Q4_K_M"] == {"Q4_K": 96, "F32": 34, "Q6_K": 17}
+    assert counts["Q4_0"] == {"Q4_0": 112, "F32": 34, "Q6_K": 1}  # the tied token_embd in Q6_K
+    assert counts["Q8_0"] == {"Q8_0": 113, "F32": 34}
+    more = [i for i in range(16) if rs.use_more_bits(i, 16)]
+    assert more == [0, 1, 4, 7, 10, 13, 14, 15]

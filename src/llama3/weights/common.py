@@ -206,7 +206,7 @@ def check_finite(path, name: str, t: torch.Tensor) -> None:
                                         "(a corrupt or diverged checkpoint; --no-check to load it anyway)")
 
 
-_libc = None  # the C library, for madvise and malloc_trim
+_LIBC = None
 QUANTIZABLE = {"Q8_0": "int8", "Q4_1": "int4"}  # kind -> QuantTensor.from_float's name for it
 QUANTIZE_CHUNK = 1 << 20  # values widened at a time: 4 MB of float32, and a few such temporaries
 
@@ -230,28 +230,34 @@ def quantize_matrix(w: torch.Tensor, kind: str):
     return out
 
 
+def _libc():
+    """The C library (Linux), for madvise and malloc_trim."""
+    global _LIBC
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(None, use_errno=True)
+        _LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return _LIBC
+
+
 def trim_heap() -> None:
     """Give the C heap's free pages back to the system (glibc's malloc_trim). The temporaries of
     quantizing one matrix after another leave holes between the results that glibc would otherwise
     keep: up to ~100 MB more peak RSS on a 200 MB model."""
-    global _libc
-    if sys.platform.startswith("linux"):
-        _libc = _libc or ctypes.CDLL(None, use_errno=True)
-        if hasattr(_libc, "malloc_trim"):
-            _libc.malloc_trim(0)
+    if sys.platform.startswith("linux") and hasattr(_libc(), "malloc_trim"):
+        _libc().malloc_trim(0)
 
 
 def finish_tensor(path, name: str, t: torch.Tensor, opts: ReadOptions, dequantized: list):
     """A float tensor read from a file (usually a view of its mapping) -> what the model holds:
     quantized, kept in its 16-bit kind as a ``QuantTensor``, or converted to ``opts.dtype`` (no copy
     when it already is). A 16-bit matrix that could not be kept is listed in ``dequantized``."""
+    kind = FLOAT_KINDS.get(t.dtype)
+    if kind is None:
+        raise CheckpointError(path, f"tensor {name} has dtype {t.dtype}; weights must be float32, float16 or bfloat16")
     if opts.check:
         check_finite(path, name, t)
     if t.dim() == 2 and opts.quantize:
         return quantize_matrix(t, opts.quantize)
-    kind = FLOAT_KINDS.get(t.dtype)
-    if kind is None:
-        raise CheckpointError(path, f"tensor {name} has dtype {t.dtype}; weights must be float32, float16 or bfloat16")
     if t.dim() == 2 and kind in opts.keep:
         from ..quantize import QuantTensor
 
@@ -275,11 +281,8 @@ def shares_memory(value, start: int, length: int) -> bool:
 
 
 def _madvise(start: int, end: int, advice: int) -> None:
-    global _libc
     if end > start and sys.platform.startswith("linux"):
-        _libc = _libc or ctypes.CDLL(None, use_errno=True)
-        _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _libc.madvise(start, end - start, advice)  # advice only: a kernel without it changes nothing
+        _libc().madvise(start, end - start, advice)  # advice only: a kernel without it changes nothing
 
 
 def release_pages(address: int, length: int) -> None:
