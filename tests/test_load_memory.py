@@ -115,6 +115,15 @@ def files(tmp_path_factory):
     return write_files(tmp_path_factory.mktemp("load-memory"))
 
 
+def from_gguf_is_a_view() -> bool:
+    """Whether QuantTensor.from_gguf keeps the file's bytes as they are (a view) rather than copying them."""
+    from llama3.quantize import QuantTensor
+    from llama3.weights.common import shares_memory
+
+    raw = np.zeros((1, 34), dtype=np.uint8)  # one Q8_0 block
+    return shares_memory(QuantTensor.from_gguf(raw, "Q8_0", (1, 32)), raw.ctypes.data, raw.nbytes)
+
+
 def load_in_child(path, keep=(), quantize=None) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, str(path), json.dumps(sorted(keep)), json.dumps(quantize)],
                          capture_output=True, text=True, timeout=600)
@@ -139,6 +148,8 @@ def test_default_path_holds_the_files_kind(files, fmt, kind):
     if kind in SUPPORTED_KINDS:
         assert all(k == kind for k, _, _ in mats.values()), mats
         assert report["dequantized"] == []
+        if fmt in ("Q8_0", "F16") and from_gguf_is_a_view():  # read in place: views of the file's map
+            assert all(in_place for _, _, in_place in mats.values()), mats
     else:
         assert all(k == "torch.float32" for k, _, _ in mats.values())
         assert sorted(name for name, _ in report["dequantized"]) == sorted(mats)

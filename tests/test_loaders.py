@@ -415,6 +415,18 @@ def test_quantize_while_reading(tmp_path, kind):
         assert (err <= step * 0.51 + 1e-3 * blocks.abs().amax(-1) + 1e-7).all(), name
 
 
+def test_quantize_to_the_files_own_kind_keeps_its_blocks(tmp_path, tiny):
+    """quantize="Q8_0" on a Q8_0 file: its blocks are taken as they are, not dequantized and rounded again."""
+    _, args, state = tiny
+    path = tmp_path / "q8.gguf"
+    expected = write_gguf(path, args, state, "Q8_0")
+    ckpt = load_checkpoint(path, quiet=True, quantize="Q8_0")
+    for name, t in expected.items():
+        if t.dim() == 2:
+            assert isinstance(ckpt.state[name], QuantTensor) and file_kind(ckpt.state[name]) == "Q8_0"
+            torch.testing.assert_close(ckpt.state[name].dequantize(), t, rtol=1e-6, atol=1e-7)
+
+
 def test_quantize_names():
     from llama3.loading import quantize_kind
 

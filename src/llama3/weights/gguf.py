@@ -507,7 +507,8 @@ def read_tensor(path: str, meta: str, info: TensorInfo, raw: np.ndarray, opts: R
     """One tensor from its bytes ``raw`` (a view of the map): kept in its blocks when the kernels run
     its kind, else a float view (F32/F16/BF16) or dequantized, then as ``finish_tensor`` decides."""
     matrix = len(info.shape) == 2
-    if matrix and info.kind in opts.keep and not opts.quantize:
+    # Blocks the kernels run stay as they are, and so do blocks already in the kind asked for.
+    if matrix and (info.kind in opts.keep and not opts.quantize or info.kind == opts.quantize):
         from ..quantize import QuantTensor
 
         if opts.check:
@@ -525,7 +526,7 @@ def read_tensor(path: str, meta: str, info: TensorInfo, raw: np.ndarray, opts: R
     return finish_tensor(path, meta, t.view(info.shape), opts, dequantized)
 
 
-def load_gguf(path: str, opts: ReadOptions = ReadOptions(), progress=None):
+def load_gguf(path: str, opts: ReadOptions = ReadOptions(), progress=None) -> Checkpoint:
     """A ``Checkpoint`` of a GGUF file: its args, Meta-named tensors (read as ``opts`` says), the header's
     metadata, the tensors dequantized as a last resort and those read in place."""
     header = check_header(path)

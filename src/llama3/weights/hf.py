@@ -227,11 +227,6 @@ def read_safetensors_header(path) -> dict[str, StEntry]:
     return entries
 
 
-def check_safetensors_header(path) -> None:
-    """Refuse a safetensors file whose header is not what the format allows (see read_safetensors_header)."""
-    read_safetensors_header(path)
-
-
 def safetensors_files(folder: Path) -> list[Path]:
     """The weight files of a folder: those named by model.safetensors.index.json, or all *.safetensors."""
     index = folder / "model.safetensors.index.json"
