@@ -47,7 +47,6 @@ def parse_dtype(dtype) -> torch.dtype | None:
 
 # --quantize names for the block kinds made on load (int8/int4 are the historical names).
 QUANTIZE_ALIASES = {"int8": "Q8_0", "int4": "Q4_1"}
-_FUSED = (".wq.weight", ".wk.weight", ".wv.weight", ".w1.weight", ".w3.weight")
 
 
 def quantize_kind(quantize: str) -> str:
@@ -69,12 +68,12 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
     place from its memory map, with the CPU kernels for each kind they support (on CUDA, or without
     the kernels, everything is converted to ``dtype``); "int8"/"int4" (or a kind such as "q8_0")
     quantize every matrix while reading, one tensor at a time; None converts everything to ``dtype``:
-    the exact float path that every fast path is tested against. ``fuse`` joins wq/wk/wv and w1/w3
-    into single matrices, unless they are read in place (joining would copy them out of the map).
+    the exact float path that every fast path is tested against. ``fuse`` is accepted for
+    compatibility and changes nothing: the weights keep Meta's layout, read in place (joining wq/wk/wv
+    would copy them out of the file's map), and the C decode step runs them in one pass itself.
     ``check`` refuses weights holding NaN or inf (one vectorized pass; False skips it).
     """
     from . import kernels
-    from .quantize import fuse as fuse_model
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights import checkpoint_bytes, default_model_path, detect_format, load_checkpoint, progress_bar
 
@@ -92,8 +91,6 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
         bar.set_description_str("building the model")
         model = build_model(ckpt.args, ckpt.state, device=device, path=ckpt.path)
         del ckpt.state
-        if fuse and not any(name.endswith(_FUSED) for name in ckpt.in_place):
-            fuse_model(model)
         bar.set_description_str("building the tokenizer")
         if ckpt.format == "gguf":
             tokenizer = tokenizer_from_gguf(ckpt.gguf_metadata, str(ckpt.path))
