@@ -87,9 +87,9 @@ def main():
             rates = []
             for isa, n, t in cols:
                 x = torch.randn(n, k)
-                rates.append(best_rate(lambda: kernels.matmul_list(copies, x, isa=isa, threads=t), nbytes, a.seconds))
+                rates.append(best_rate(lambda: kernels.matmul_list(copies, x, isa=isa, threads=t), nbytes,  # noqa: B023
+                                       a.seconds))
             print(f"| {kind} | {first.nbytes / 1e6:.1f} | " + " | ".join(f"{r:.1f}" for r in rates) + " |", flush=True)
-            del copies
 
 
 if __name__ == "__main__":

@@ -69,7 +69,10 @@ def test_explain_text_and_compare():
     assert out.returncode == 0 and "1,235,814,400" in out.stdout and "8,030,261,248" in out.stdout
     out = subprocess.run([sys.executable, "-m", "llama3.cli", "explain"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "134,515,008" in out.stdout and "head_dim" in out.stdout
-    assert "runs as: quantized: Q4_1, Q8_0 blocks kept and run by the C kernels" in out.stdout
+    import llama3
+
+    assert f"runs as: {llama3.load(quiet=True).describe()}" in out.stdout  # the engine policy's own words
+    assert "runs as: quantized Q4_1/Q8_0 weights" in out.stdout and "one C call per decode step" in out.stdout
     out = subprocess.run([sys.executable, "-m", "llama3.cli", "explain", "llama-9"], capture_output=True, text=True)
     assert out.returncode == 2 and "no such file or directory" in out.stderr
 

@@ -42,6 +42,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", default="auto", choices=["auto", "int8", "int4", "none"],
                    help="auto (default): keep a GGUF's quantized blocks and run them with the quantized CPU "
                         "kernels; int8/int4: quantize float weights on load; none: the exact float path")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the NaN/inf check of the weights at load (a vectorized pass over the file)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -78,7 +80,7 @@ def _load(ns):
     if ns.model is None:
         print("using the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",
               file=sys.stderr)
-    llm = load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx)
+    llm = load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx, check=ns.check)
     if getattr(ns, "verbose", False):
         print(f"runs as: {llm.describe()}", file=sys.stderr)
     return llm
@@ -322,7 +324,8 @@ def cmd_serve(ns) -> int:
         print("serving the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",
               file=sys.stderr)
     serve(ns.model, host=ns.host, port=ns.port, api_key=ns.api_key, max_batch=ns.max_batch, max_queue=ns.max_queue,
-          ctx=ns.ctx, cors_origins=ns.cors_origin or None, device=ns.device, dtype=ns.dtype, quantize=ns.quantize)
+          ctx=ns.ctx, cors_origins=ns.cors_origin or None, device=ns.device, dtype=ns.dtype, quantize=ns.quantize,
+          check=ns.check)
     return 0
 
 

@@ -119,6 +119,7 @@ class Llama:
         self.args, self.model, self.tokenizer, self.chat_format = args, model, tokenizer, chat_format
         self.path, self.format = path, format
         self.generator = Generator(model, tokenizer, max_context)
+        self.dequantized: list[tuple[str, str]] = []  # set by load: tensors widened for want of a kernel
 
     @property
     def device(self) -> torch.device:
@@ -130,7 +131,11 @@ class Llama:
 
     def describe(self) -> str:
         """How this model runs: its weights and kernels, and the decoder the engine's policy chose."""
-        return describe_execution(self.model, self.generator.engine)
+        text = describe_execution(self.model, self.generator.engine)
+        if self.dequantized:
+            kinds = sorted({k for _, k in self.dequantized})
+            text += f"; {len(self.dequantized)} tensors of {', '.join(kinds)} dequantized on load (no kernel runs them)"
+        return text
 
     # -------------------------------------------------------------------------- prompts
     def encode_prompt(self, prompt: str | Sequence[int]) -> list[int]:

@@ -8,6 +8,7 @@ and attaches the tokenizer and chat format.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -44,46 +45,61 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def check_quantize(quantize) -> str | None:
+    """``quantize=`` as the scheme to quantize to on load (None for "auto"/None/"none"), or ValueError."""
+    from .quantize import SCHEMES
+
+    if quantize in (None, "auto", "none"):
+        return None
+    if quantize not in SCHEMES:
+        raise ValueError(f"unknown quantize {quantize!r}; expected one of auto, {', '.join(SCHEMES)}, none")
+    return quantize
+
+
 def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", fuse: bool = True,
-         quiet: bool = False, max_context: int | None = None) -> Llama:
+         quiet: bool = False, max_context: int | None = None, check: bool = True) -> Llama:
     """Load a checkpoint (GGUF file, HF folder or Meta folder; None = the embedded SmolLM2-135M-Instruct).
 
-    ``quantize``: "auto" keeps a GGUF's Q8_0/Q4_0/Q4_1 blocks and runs them with the quantized CPU
-    kernels (when they are available; on CUDA everything is dequantized); "int8"/"int4" quantize
-    float weights on load; None dequantizes everything to ``dtype``: the exact float path that
-    every fast path is tested against. ``fuse`` is accepted for compatibility and changes nothing: the
-    weights keep Meta's layout and the C decode step runs wq/wk/wv (and w1/w3) in one pass itself.
+    ``quantize``: "auto" runs a GGUF's blocks (and 16-bit matrices) as they are in the file, read in
+    place from its memory map, with the CPU kernels for each kind they support (on CUDA, or without
+    the kernels, everything is converted to ``dtype``); "int8"/"int4" (or a kind such as "q8_0")
+    quantize every matrix while reading, one tensor at a time; None converts everything to ``dtype``:
+    the exact float path that every fast path is tested against. ``fuse`` is accepted for
+    compatibility and changes nothing: the weights keep Meta's layout, read in place (joining wq/wk/wv
+    would copy them out of the file's map), and the C decode step runs them in one pass itself.
+    ``check`` refuses weights holding NaN or inf (one vectorized pass; False skips it).
     """
     from . import kernels
-    from .quantize import SCHEMES, quantize_model
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
-    from .weights import load_checkpoint
+    from .weights import checkpoint_bytes, default_model_path, detect_format, load_checkpoint, progress_bar
 
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
-    if quantize not in (None, "none", "auto", *SCHEMES):
-        raise ValueError(f"unknown quantize {quantize!r}; expected auto, int8, int4 or none")
     quantize = None if quantize == "none" else quantize
-    on_cpu_kernels = device.type == "cpu" and kernels.library() is not None
-    keep = quantize == "auto" and on_cpu_kernels  # int8/int4 requantize from float, whatever the file holds
-    if quantize in SCHEMES and device.type != "cpu":
+    kind = check_quantize(quantize)
+    if kind and device.type != "cpu":
         raise ValueError(f"quantize={quantize!r} runs on the CPU kernels; use device='cpu' or quantize=None")
-    ckpt = load_checkpoint(path, dtype=dtype, quiet=quiet, keep_quantized=keep)
-    model = build_model(ckpt.args, ckpt.state, device=device, path=ckpt.path)
-    del ckpt.state
-    if quantize in SCHEMES:
-        quantize_model(model, quantize)
-    template, source = None, str(ckpt.path)
-    if ckpt.format == "gguf":
-        tokenizer = tokenizer_from_gguf(ckpt.gguf_metadata, str(ckpt.path))
-        template = ckpt.gguf_metadata.get("tokenizer.chat_template")
-    else:
-        folder = Path(ckpt.path)
-        tokenizer = load_tokenizer(folder)
-        template = getattr(tokenizer, "chat_template", None)
-        source = str(folder / "tokenizer_config.json")
-    chat = chat_format_for(tokenizer, template if isinstance(template, str) else None, source)
-    return Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context)
+    keep = kernels.SUPPORTED_KINDS if quantize == "auto" and device.type == "cpu" and kernels.library() else ()
+    path = default_model_path() if path is None else Path(os.path.expanduser(str(path)))
+    _, target = detect_format(path)
+    with progress_bar(checkpoint_bytes(target), f"reading {target.name}", quiet) as bar:
+        ckpt = load_checkpoint(target, dtype, quiet, keep=keep, quantize=kind, check=check, progress=bar)
+        bar.set_description_str("building the model")
+        model = build_model(ckpt.args, ckpt.state, device=device, path=ckpt.path)
+        del ckpt.state
+        bar.set_description_str("building the tokenizer")
+        if ckpt.format == "gguf":
+            tokenizer = tokenizer_from_gguf(ckpt.gguf_metadata, str(ckpt.path))
+            template, source = ckpt.gguf_metadata.get("tokenizer.chat_template"), str(ckpt.path)
+        else:
+            tokenizer = load_tokenizer(ckpt.path)
+            template = getattr(tokenizer, "chat_template", None)
+            source = str(Path(ckpt.path) / "tokenizer_config.json")
+        bar.set_description_str("reading the chat template")
+        chat = chat_format_for(tokenizer, template if isinstance(template, str) else None, source)
+    llm = Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context)
+    llm.dequantized = list(ckpt.dequantized)  # (tensor, kind) converted to float because no kernel runs its kind
+    return llm
 
 
 def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device=None, path="<state dict>"):

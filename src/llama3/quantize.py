@@ -22,7 +22,6 @@ from . import kernels
 from .kernels import BLOCK, FLOAT_DTYPE, IQ4_LEVELS, SUPPORTED_KINDS
 
 GEMV_MAX_ROWS = 8  # inputs with more rows than this take the dequantize + float GEMM path
-GGUF_KINDS = SUPPORTED_KINDS  # the GGUF tensor types kept in their blocks on load
 # --quantize schemes: int8 = Q8_0; int4 = Q4_K (with llama.cpp's Q4_K_M choice of Q6_K for the output
 # projection); or a GGML type by name
 SCHEMES = ("int8", "int4", *(kind.lower() for kind in SUPPORTED_KINDS if kind != "F32"))
@@ -461,6 +460,16 @@ def swap_in(model, name: str, qt: QuantTensor, dtype: torch.dtype = torch.float3
     setattr(parent, attr, new)
     if attr == "tok_embeddings" and model.args.tie_word_embeddings:
         model.output = QuantLinear(qt)  # the same blocks serve the output projection
+
+
+def kind_for(scheme: str, name: str, k: int) -> str:
+    """The kind a ``--quantize`` scheme gives the Meta-named matrix ``name`` with rows of ``k``: the output
+    projection and the embedding (the same matrix when tied) get the scheme's output kind; rows that are not
+    whole super-blocks get llama.cpp's fallback kind."""
+    kind, output_kind = scheme_kinds(scheme)
+    if name.startswith("output.") or name.startswith("tok_embeddings."):
+        kind = output_kind
+    return FALLBACK.get(kind, kind) if k % BLOCK[kind][0] else kind
 
 
 def quantize_weight(w: torch.Tensor, kind: str) -> QuantTensor:

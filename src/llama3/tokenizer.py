@@ -15,6 +15,7 @@ import codecs
 import json
 import os
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -311,7 +312,8 @@ def tokenizer_from_gguf(metadata: dict, path: str) -> HFTokenizer:
 
     kind = metadata.get("tokenizer.ggml.model")
     tokens = metadata.get("tokenizer.ggml.tokens")
-    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+    if not isinstance(tokens, Sequence) or isinstance(tokens, str) or not tokens \
+            or not all(isinstance(t, str) for t in tokens):  # a list, or the GGUF reader's StringArray
         raise TokenizerError(f"{path}: the GGUF has no tokenizer.ggml.tokens list")
     types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
     if len(types) != len(tokens):

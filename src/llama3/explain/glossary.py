@@ -157,28 +157,11 @@ def resolve(target: str | None):
 
 
 def execution_path(target) -> str:
-    """Which path ``llama3.load`` takes by default for this checkpoint on this machine."""
-    from .. import kernels
-    from ..quantize import GGUF_KINDS
-    from ..weights import default_model_path, detect_format
+    """How ``llama3.load`` runs this checkpoint by default on this machine: the engine's own policy, asked
+    of the loaded model (weights are memory-mapped, so this reads little of a large file)."""
+    from ..loading import load
 
-    fmt, path = detect_format(default_model_path() if target is None else target)
-    if fmt == "gguf":
-        from ..weights.gguf import _type_name, check_header
-
-        types = sorted({_type_name(i.type_id) for i in check_header(str(path)).tensors.values()
-                        if len(i.shape) == 2})
-        kept = [t for t in types if t in GGUF_KINDS]
-        if kept and kernels.library() is not None:
-            rest = [t for t in types if t not in GGUF_KINDS]
-            return (f"quantized: {', '.join(kept)} blocks kept and run by the C kernels (int8 activations; "
-                    "each decode step one C call)"
-                    + (f"; {', '.join(rest)} dequantized to float" if rest else "")
-                    + "; --quantize none for the exact float path")
-        if kept:
-            return f"float: {', '.join(types)} dequantized (the C kernels are unavailable: {kernels.why_not()})"
-        return f"float: {', '.join(types)} tensors loaded as float (--quantize int8|int4 to quantize)"
-    return "float (--quantize int8|int4 to quantize on load)"
+    return load(target, quiet=True).describe() + "; --quantize none for the exact float path"
 
 
 def _human_bytes(n: float) -> str:

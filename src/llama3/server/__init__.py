@@ -7,7 +7,7 @@ __all__ = ["create_app", "serve"]
 
 def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_batch: int = 8, max_queue: int = 64, ctx: int | None = None, cors_origins=None,
-          device=None, dtype=None, quantize="auto", log_level: str = "info") -> None:
+          device=None, dtype=None, quantize="auto", log_level: str = "info", check: bool = True) -> None:
     import logging
 
     import uvicorn
@@ -18,7 +18,7 @@ def serve(model=None, *, host: str = "127.0.0.1", port: int = 8000, api_key: str
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def load_model():
-        return load(model, device=device, dtype=dtype, quantize=quantize, quiet=True, max_context=ctx)
+        return load(model, device=device, dtype=dtype, quantize=quantize, quiet=True, max_context=ctx, check=check)
 
     app = create_app(load_model, api_key=api_key, max_batch=max_batch, max_queue=max_queue, ctx=ctx,
                      cors_origins=cors_origins)

