@@ -199,12 +199,14 @@ class GrammarConstraint:
         self._matcher.unsafe_compute_mask_ptr(self._mask.data_ptr(), self._mask_bytes.size)
         if self._matcher.is_error():
             raise GrammarStateError(f"{self.kind}: {_first_lines(self._matcher.get_error())}")
-        allowed = torch.from_numpy(np.unpackbits(self._mask_bytes, count=self._n, bitorder="little")).view(torch.bool)
-        if logits.shape[-1] != self._n:  # a model whose output rows are padded past the vocabulary
-            allowed = torch.nn.functional.pad(allowed, (0, logits.shape[-1] - self._n), value=False)
-        if not bool(allowed.any()):
+        if not self._mask_bytes.any():
             raise GrammarStateError(f"{self.kind}: the grammar allows no token here")
-        return torch.where(allowed, logits, NEG_INF)
+        # numpy, not torch: one thread, so no OpenMP barrier can stall a step on a busy machine (~70 us for 128k)
+        allowed = np.unpackbits(self._mask_bytes, count=self._n, bitorder="little").view(bool)
+        row = logits.detach().to("cpu", torch.float32).numpy()
+        if row.shape[-1] != self._n:  # a model whose output rows are padded past the vocabulary
+            allowed = np.pad(allowed, (0, row.shape[-1] - self._n))
+        return torch.from_numpy(np.where(allowed, row, np.float32(NEG_INF)))
 
     def accept(self, token_id: int) -> None:
         if not self._matcher.consume_token(int(token_id)):
