@@ -68,10 +68,12 @@ def test_final_hidden_states_are_what_the_output_projection_reads(smollm2):
 @pytest.mark.parametrize("fixture", ["smollm2", "smollm2_fast"])
 def test_loglikelihood_equals_log_softmax_of_the_logits(fixture, request):
     llm = request.getfixturevalue(fixture)
-    pairs = [encode_pair(llm, "The capital of France is", " Paris"),
-             encode_pair(llm, "Water boils at", " 100 degrees Celsius at sea level."),
-             encode_pair(llm, "1, 2, 3, 4,", " 5"),
-             encode_pair(llm, "", "Once upon a time")]
+    # each pair longer than 8 tokens, so that the reference's own forward pass takes the float GEMM path of
+    # quantized layers, as scoring always does (llama3.evaluate._MIN_ROWS)
+    pairs = [encode_pair(llm, "Question: what is the capital of France? Answer: The capital of France is", " Paris"),
+             encode_pair(llm, "At sea level, pure water boils at", " 100 degrees Celsius at sea level."),
+             encode_pair(llm, "1, 2, 3, 4, 5, 6, 7,", " 8"),
+             encode_pair(llm, "", "Once upon a time, in a land far away, there lived a king.")]
     batched = loglikelihood_batch(llm, pairs, batch_size=3)  # rows of different lengths, padded
     for (context, continuation), (lp, greedy) in zip(pairs, batched):
         ref_lp, ref_greedy = reference_loglikelihood(llm.model, context, continuation)

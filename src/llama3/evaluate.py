@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from .model import Transformer, causal_mask
+from .quantize import GEMV_MAX_ROWS
 
 
 # ------------------------------------------------------------------------------ forward passes
@@ -60,15 +61,24 @@ def final_hidden_states(model, tokens: torch.Tensor) -> torch.Tensor:
     return m.norm(h)
 
 
+# Quantized layers (llama3.quantize.QuantLinear) run inputs of at most GEMV_MAX_ROWS rows through int8-activation
+# kernels and larger ones through a dequantized float GEMM. Scoring always feeds more rows than that, so a
+# request's score never depends on what it is batched with (and equals the full forward pass's).
+_MIN_ROWS = GEMV_MAX_ROWS + 1
+
+
 def _logprobs_at(model, h: torch.Tensor) -> torch.Tensor:
     """log_softmax of the logits for hidden states h (n, dim), float32 on the CPU."""
-    return torch.log_softmax(_transformer(model).output(h).float(), dim=-1).cpu()
+    n = h.shape[0]
+    if n < _MIN_ROWS:
+        h = torch.cat([h, h.new_zeros(_MIN_ROWS - n, h.shape[1])])
+    return torch.log_softmax(_transformer(model).output(h)[:n].float(), dim=-1).cpu()
 
 
 def _padded(rows: Sequence[Sequence[int]]) -> torch.Tensor:
     """Rows right-padded with token 0 into (batch, longest): padding comes after every real token, so
-    causal attention never lets a real position see it."""
-    longest = max(len(r) for r in rows)
+    causal attention never lets a real position see it (at least _MIN_ROWS positions, see above)."""
+    longest = max(_MIN_ROWS, max(len(r) for r in rows))
     return torch.tensor([list(r) + [0] * (longest - len(r)) for r in rows], dtype=torch.long)
 
 
