@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def reference_loglikelihood(model, context, continuation):
     """Sum of log p(continuation | context) from one full forward pass, and whether it is the argmax path."""
-    tokens = torch.tensor([context + continuation])
+    tokens = torch.tensor([(context + continuation)[:-1]])  # the last token predicts nothing that is scored
     with torch.inference_mode():
         logprobs = torch.log_softmax(model(tokens)[0].double(), dim=-1)
     n = len(continuation)

@@ -16,7 +16,7 @@ import torch
 
 from helpers import llama3_tokenizer_dir, smollm2_path
 from llama3.processors import LogitBias, LogitsProcessor, ProcessorList
-from llama3.structured import GrammarConstraint, GrammarError, GrammarStateError, _closed_objects, \
+from llama3.structured import GrammarConstraint, GrammarError, GrammarStateError, close_objects, \
     generate_with_processor
 from llama3.tokenizer import load_tokenizer
 
@@ -180,7 +180,7 @@ def test_strict_closes_objects_but_not_allof_branches():
                                                "m": {"type": "object", "additionalProperties": {"type": "integer"}}},
               "$defs": {"d": {"properties": {"x": {}}}},
               "allOf": [{"properties": {"y": {}}}]}
-    closed = _closed_objects(schema)
+    closed = close_objects(schema)
     assert "additionalProperties" not in closed  # it has allOf: an intersection stays open
     assert closed["properties"]["a"]["additionalProperties"] is False
     assert closed["properties"]["m"]["additionalProperties"] == {"type": "integer"}

@@ -154,7 +154,7 @@ class GrammarConstraint:
 
         schema = _schema_dict(schema)
         if strict:
-            schema = _closed_objects(schema)
+            schema = close_objects(schema)
         try:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(
                 schema, defaults={"whitespace_pattern": JSON_WHITESPACE}, overrides={"lenient": not strict})
@@ -256,8 +256,8 @@ _SCHEMA_ONES = ("items", "additionalProperties", "additionalItems", "contains", 
                 "propertyNames", "unevaluatedItems", "unevaluatedProperties")
 
 
-def _closed_objects(schema: Any) -> Any:
-    """``schema`` with ``additionalProperties: false`` on every object schema that lists ``properties``
+def close_objects(schema: Any) -> Any:
+    """A copy of ``schema`` with ``additionalProperties: false`` on every object schema that lists ``properties``
     and leaves additional ones unsaid. Branches of ``allOf`` stay open: an intersection of closed
     objects with different properties would admit nothing."""
     if not isinstance(schema, Mapping):
@@ -265,13 +265,13 @@ def _closed_objects(schema: Any) -> Any:
     out = dict(schema)
     for key in _SCHEMA_MAPS:
         if isinstance(out.get(key), Mapping):
-            out[key] = {name: _closed_objects(s) for name, s in out[key].items()}
+            out[key] = {name: close_objects(s) for name, s in out[key].items()}
     for key in _SCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [_closed_objects(s) for s in out[key]]
+            out[key] = [close_objects(s) for s in out[key]]
     for key in _SCHEMA_ONES:
         if isinstance(out.get(key), Mapping):
-            out[key] = _closed_objects(out[key])
+            out[key] = close_objects(out[key])
     open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
     if isinstance(out.get("properties"), Mapping) and not any(k in out for k in open_keys):
         out["additionalProperties"] = False

@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .structured import GrammarConstraint
+from .structured import JSON_WHITESPACE, GrammarConstraint, close_objects
 from .tokenizer import Tokenizer
 
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "code_interpreter")
@@ -333,16 +333,17 @@ def tool_call_constraint(tokenizer: Tokenizer, chat_format, tools: Sequence[dict
     tools = check_tools(tools)
     if check_tool_choice(tool_choice, tools) in ("none", "auto"):
         return None
+    # Objects are closed (no properties beyond the schema's) whatever "strict" says: a small model given
+    # the room pads a call with made-up keys. "strict" decides whether keywords that cannot be enforced
+    # are refused (GrammarError) or ignored.
     strict = all(t["function"].get("strict") is True for t in tools)
     if tool_style(chat_format) != "hermes":
-        return GrammarConstraint.json_schema(tokenizer, tool_call_schema(tools, tool_choice), strict=strict)
-    schema = tool_call_schema(tools, tool_choice, argument_key="arguments")
-    if strict:
-        from .structured import _closed_objects
-
-        schema = _closed_objects(schema)
-    lark = f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {json.dumps(schema)}'
-    return GrammarConstraint(tokenizer, llguidance.LLMatcher.grammar_from_lark(lark), "json_schema")
+        return GrammarConstraint.json_schema(tokenizer, close_objects(tool_call_schema(tools, tool_choice)),
+                                             strict=strict)
+    schema = close_objects(tool_call_schema(tools, tool_choice, argument_key="arguments"))
+    schema["x-guidance"] = {"whitespace_pattern": JSON_WHITESPACE, "lenient": not strict}
+    grammar = f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {json.dumps(schema)}'
+    return GrammarConstraint(tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar), "json_schema")
 
 
 # ------------------------------------------------------------------------------ parsing
