@@ -60,7 +60,8 @@ CASES: list[tuple[str, dict]] = [
     ("$ref recursion", {"$defs": {"node": {"type": "object", "properties": {
         "value": {"type": "integer"}, "children": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
         "required": ["value", "children"]}}, "$ref": "#/$defs/node"}),
-    ("additionalProperties schema", {"type": "object", "additionalProperties": {"type": "integer"}, "maxProperties": 3}),
+    ("additionalProperties schema", {"type": "object", "additionalProperties": {"type": "integer"},
+                                     "maxProperties": 3}),
     ("nullable type list", {"type": "object", "properties": {"note": {"type": ["string", "null"]}},
                             "required": ["note"]}),
     ("format date-time", {"type": "object", "properties": {"at": {"type": "string", "format": "date-time"}},
@@ -140,7 +141,8 @@ def llguidance_walks(tokenizer, schema, seeds, closing):
         def step():
             t = time.thread_time()
             out = c(None, logits)
-            return out.isfinite().numpy(), time.thread_time() - t
+            seconds = time.thread_time() - t
+            return np.isfinite(out.numpy()), seconds
 
         toks, ts, finished = walk(step, c.accept, c.is_finished, stop_mask(tokenizer), closing,
                                   np.random.default_rng(seed))
@@ -170,7 +172,8 @@ def xgrammar_walks(xgr, compiler, tokenizer, schema, seeds, closing):
             m.fill_next_token_bitmask(bitmask)
             allowed = np.unpackbits(mask_bytes, count=n, bitorder="little").view(bool)
             out = np.where(allowed, logits.numpy(), np.float32(-np.inf))
-            return np.isfinite(out), time.thread_time() - t
+            seconds = time.thread_time() - t
+            return np.isfinite(out), seconds
 
         toks, ts, finished = walk(step, m.accept_token, m.is_terminated, stop_mask(tokenizer), closing,
                                   np.random.default_rng(seed))
@@ -282,7 +285,8 @@ def decode_cost(n_tokens: int = 200) -> None:
     no_stop = LogitBias({t: -100 for t in tok.stop_ids}, tok.vocab_size)
     rows = []
     for repeat in range(3):
-        for label, make in [("plain", lambda: no_stop), ("json_schema", lambda: GrammarConstraint.json_schema(tok, schema))]:
+        runs = [("plain", lambda: no_stop), ("json_schema", lambda: GrammarConstraint.json_schema(tok, schema))]
+        for label, make in runs:
             t0 = time.perf_counter()
             out, reason = generate_with_processor(llm, prompt, make(), max_new_tokens=n_tokens, temperature=0)
             dt = time.perf_counter() - t0

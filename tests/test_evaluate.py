@@ -19,7 +19,8 @@ import torch
 import llama3
 from llama3.embeddings import embed
 from llama3.evaluate import (add_eval_parser, add_perplexity_parser, encode_pair, evaluate_task, final_hidden_states,
-                             lm_eval_model_class, loglikelihood, loglikelihood_batch, perplexity, read_task)
+                             lm_eval_model_class, loglikelihood, loglikelihood_batch, perplexity, prompt_logprobs,
+                             read_task)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -111,6 +112,24 @@ def test_encode_pair_moves_trailing_spaces_and_splits_the_whole_encoding(smollm2
     context, continuation = encode_pair(smollm2, "Answer: ", "yes")
     assert context + continuation == smollm2.encode_prompt("Answer: yes")
     assert smollm2.tokenizer.decode(continuation) == " yes"
+
+
+@pytest.mark.parametrize("fixture", ["smollm2", "smollm2_fast"])
+def test_prompt_logprobs_equal_log_softmax_of_the_logits(fixture, request):
+    llm = request.getfixturevalue(fixture)
+    ids = llm.encode_prompt("The capital of France is Paris. The capital of Italy is Rome.")
+    got = prompt_logprobs(llm, ids, top=3, chunk=5)  # several chunks
+    with torch.inference_mode():
+        ref = torch.log_softmax(llm.model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)
+    assert got[0] == (None, {}) and len(got) == len(ids)
+    for i, (lp, top) in enumerate(got[1:]):
+        assert lp == pytest.approx(float(ref[i, ids[i + 1]]), abs=1e-4)
+        values, indices = torch.topk(ref[i], 3)
+        assert list(top) == indices.tolist()
+        assert list(top.values()) == pytest.approx(values.tolist(), abs=1e-4)
+    assert prompt_logprobs(llm, ids[:1]) == [(None, {})]
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        prompt_logprobs(llm, [])
 
 
 # ------------------------------------------------------------------------------ perplexity
@@ -219,7 +238,7 @@ def test_task_file_errors(tmp_path, lines, message):
         read_task(path)
 
 
-def test_lm_eval_harness_gives_the_direct_accuracy(smollm2, mc_file, tmp_path, monkeypatch):
+def test_lm_eval_harness_gives_the_direct_accuracy(smollm2, mc_file, tmp_path, monkeypatch, capsys):
     """lm-evaluation-harness runs a local multiple-choice task through our model class."""
     pytest.importorskip("lm_eval", reason="lm-eval is a test extra (pip install -e '.[test]')")
     import lm_eval
@@ -242,7 +261,18 @@ metric_list:
 """)
     model = lm_eval_model_class()(smollm2, batch_size=4)
     out = lm_eval.simple_evaluate(model=model, tasks=["tiny_mc"], task_manager=TaskManager(include_path=str(tmp_path)))
-    assert out["results"]["tiny_mc"]["acc,none"] == direct_accuracy(smollm2, MC_TASK)
+    direct = direct_accuracy(smollm2, MC_TASK)
+    assert out["results"]["tiny_mc"]["acc,none"] == direct
+    # the same through `llama3 eval --tasks`
+    parser = argparse.ArgumentParser(prog="llama3")
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    ns = parser.parse_args(["eval", "--tasks", "tiny_mc", "--include-path", str(tmp_path), "--json",
+                            "--quantize", "none"])
+    assert ns.func(ns) == 0
+    assert json.loads(capsys.readouterr().out)["tiny_mc"]["acc,none"] == direct
+    ns = parser.parse_args(["eval", "--tasks", "no_such_task", "--include-path", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown lm-eval task"):
+        ns.func(ns)
 
 
 def test_lm_eval_rolling_and_generate(smollm2):
@@ -292,3 +322,6 @@ def test_embedding_errors(smollm2):
         embed(smollm2, ["x"], pooling="max")
     with pytest.raises(ValueError, match="input 0 is empty"):
         embed(smollm2, [""])
+    ctx = smollm2.generator.context
+    with pytest.raises(ValueError, match=f"input 1 has {ctx + 1} tokens, more than the context of {ctx}"):
+        embed(smollm2, ["fine", [5] * (ctx + 1)])

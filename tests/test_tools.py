@@ -398,7 +398,7 @@ def test_parse_whole_outputs(output, content, calls):
 def stream(output: str, rng: random.Random):
     """Feed ``output`` in random pieces; return (content joined from deltas, calls joined from deltas, parser)."""
     parser = ToolCallParser(ids())
-    cuts = sorted(rng.sample(range(1, len(output)), min(len(output) - 1, rng.randint(0, 12)))) if len(output) > 1 else []
+    cuts = sorted(rng.sample(range(1, len(output)), min(len(output) - 1, rng.randint(0, 12))) if output else [])
     pieces = [output[a:b] for a, b in zip([0] + cuts, cuts + [len(output)])]
     deltas = [d for p in pieces for d in parser.feed(p)] + parser.finish()
     content, calls = "", {}

@@ -23,7 +23,7 @@ POOLINGS = ("mean", "last")
 def embed(llm, texts: str | Sequence[str] | Sequence[Sequence[int]], pooling: str = "mean", normalize: bool = True,
           batch_size: int = 8) -> torch.Tensor:
     """Embeddings (n, dim), float32 on the CPU, one row per text (or per list of token ids), in order;
-    ``normalize`` scales each row to unit L2 norm. Texts longer than the context keep their first tokens."""
+    ``normalize`` scales each row to unit L2 norm. A text longer than the context is an error."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if batch_size < 1:
@@ -35,9 +35,11 @@ def embed(llm, texts: str | Sequence[str] | Sequence[Sequence[int]], pooling: st
     limit = llm.generator.context
     rows = []
     for i, t in enumerate(texts):
-        ids = llm.encode_prompt(t)[:limit]
+        ids = llm.encode_prompt(t)
         if not ids:
             raise ValueError(f"input {i} is empty: there is nothing to embed")
+        if len(ids) > limit:
+            raise ValueError(f"input {i} has {len(ids)} tokens, more than the context of {limit}")
         rows.append(ids)
     out = torch.empty(len(rows), llm.args.dim, dtype=torch.float32)
     order = sorted(range(len(rows)), key=lambda k: -len(rows[k]))  # similar lengths batch together

@@ -4,7 +4,7 @@
     llm = llama3.load()
     lp, greedy = loglikelihood(llm, llm.encode_prompt("The capital of France is"), llm.tokenizer.encode(" Paris"))
     result = perplexity(llm, llm.encode_prompt(open("wiki.test.raw").read()), ctx=512)
-    print(result)      # PPL = 21.1303 +/- 0.1520 over 40 chunks of 512 tokens
+    print(result)      # PPL = ... +/- ... over N chunks of 512 tokens (... tokens scored)
 
 Everything runs plain forward passes from position 0 without a KV cache (each window is causal on
 its own), and computes the output projection only at the positions that are scored.
@@ -125,6 +125,34 @@ def loglikelihood_batch(model, requests: Sequence[tuple[Sequence[int], Sequence[
         if progress:
             progress(len(chunk))
     return results
+
+
+@torch.inference_mode()
+def prompt_logprobs(model, token_ids: Sequence[int], top: int = 0,
+                    chunk: int = 256) -> list[tuple[float | None, dict[int, float]]]:
+    """For each token of a prompt, (log p(token | the tokens before it), the ``top`` most likely tokens
+    there as {id: logprob}); the first token has (None, {}). What ``echo`` with ``logprobs`` reports."""
+    m = _transformer(model)
+    ids = list(token_ids)
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if len(ids) > _max_length(model):
+        raise ValueError(f"the prompt has {len(ids)} tokens, more than the context of {_max_length(model)}")
+    if not 0 <= top <= 20:
+        raise ValueError(f"top must be in [0, 20], got {top}")
+    out: list[tuple[float | None, dict[int, float]]] = [(None, {})]
+    if len(ids) == 1:
+        return out
+    h = final_hidden_states(m, _padded([ids[:-1]]))[0, :len(ids) - 1]  # position i predicts token i + 1
+    for start in range(0, h.shape[0], chunk):  # (chunk, vocab) logprobs at a time, not (seq, vocab)
+        logprobs = _logprobs_at(m, h[start:start + chunk])
+        targets = torch.tensor(ids[start + 1:start + 1 + logprobs.shape[0]])
+        chosen = logprobs.gather(-1, targets[:, None])[:, 0]
+        tops = torch.topk(logprobs, top) if top else None
+        for r in range(logprobs.shape[0]):
+            alternatives = {int(i): float(v) for i, v in zip(tops.indices[r], tops.values[r])} if top else {}
+            out.append((float(chosen[r]), alternatives))
+    return out
 
 
 # ------------------------------------------------------------------------------ perplexity
@@ -254,7 +282,8 @@ def read_task(path: str | Path) -> tuple[str, list[dict]]:
                 raise ValueError(f"{path}:{i}: a multiple-choice line needs \"context\" (a string) and \"choices\" "
                                  "(two or more non-empty strings)")
             if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-                raise ValueError(f"{path}:{i}: \"answer\" must be the index of the right choice (0..{len(choices) - 1})")
+                raise ValueError(f"{path}:{i}: \"answer\" must be the index of the right choice "
+                                 f"(0..{len(choices) - 1})")
             kinds.add("multiple_choice")
         elif "prompt" in ex:
             until = ex.get("until", ["\n"])
@@ -478,8 +507,19 @@ def cmd_eval(ns) -> int:
             raise ValueError(f"--{option.replace('_', '-')} must be >= 1, got {value}")
     for f in ns.files:
         read_task(f)  # check every file before the (slow) load
-    if ns.tasks:
-        lm_eval_model_class()  # says so now if lm-eval is missing
+    names, manager = [], None
+    if ns.tasks:  # check the tasks before the load too
+        lm_eval_model_class()  # says so if lm-eval is missing
+        from lm_eval.tasks import TaskManager
+
+        if ns.include_path and not Path(ns.include_path).is_dir():
+            raise ValueError(f"--include-path {ns.include_path}: no such folder")
+        manager = TaskManager(include_path=ns.include_path) if ns.include_path else TaskManager()
+        names = [t.strip() for t in ns.tasks.split(",") if t.strip()]
+        unknown = [t for t in names if t not in manager.all_tasks]
+        if unknown:
+            raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)} (see `lm_eval ls tasks`, or give "
+                             "--include-path for your own)")
     llm = _load(ns)
     report: dict[str, dict] = {}
     for f in ns.files:
@@ -487,17 +527,10 @@ def cmd_eval(ns) -> int:
         report[f] = result.metrics
         if not ns.json:
             print(result)
-    if ns.tasks:
+    if names:
         import lm_eval
-        from lm_eval.tasks import TaskManager
 
         model = lm_eval_model_class()(llm, batch_size=ns.batch_size, max_gen_toks=ns.max_tokens)
-        manager = TaskManager(include_path=ns.include_path) if ns.include_path else TaskManager()
-        names = [t.strip() for t in ns.tasks.split(",") if t.strip()]
-        unknown = [t for t in names if t not in manager.all_tasks]
-        if unknown:
-            raise ValueError(f"unknown lm-eval task(s) {', '.join(unknown)} (see `lm_eval ls tasks`, or give "
-                             "--include-path for your own)")
         out = lm_eval.simple_evaluate(model=model, tasks=names, num_fewshot=ns.num_fewshot, limit=ns.limit,
                                       task_manager=manager)
         for task, metrics in out["results"].items():

@@ -141,7 +141,8 @@ class GrammarConstraint:
 
     # -------------------------------------------------------------- constructors
     @classmethod
-    def json_schema(cls, tokenizer: Tokenizer, schema: Mapping | str | type, strict: bool = True) -> "GrammarConstraint":
+    def json_schema(cls, tokenizer: Tokenizer, schema: Mapping | str | type,
+                    strict: bool = True) -> "GrammarConstraint":
         """Output that validates against a JSON schema (a dict, a JSON string, or a pydantic model class).
 
         ``strict=True`` (OpenAI's ``strict``): every keyword must be enforced, else GrammarError
