@@ -16,7 +16,7 @@ import torch
 
 from helpers import llama3_tokenizer_dir, smollm2_path
 from llama3.processors import LogitBias, LogitsProcessor, ProcessorList
-from llama3.structured import GrammarConstraint, GrammarError, GrammarStateError, close_objects, \
+from llama3.structured import GrammarConstraint, GrammarError, GrammarStateError, bound_numbers, close_objects, \
     generate_with_processor
 from llama3.tokenizer import load_tokenizer
 
@@ -187,6 +187,30 @@ def test_strict_closes_objects_but_not_allof_branches():
     assert closed["$defs"]["d"]["additionalProperties"] is False
     assert "additionalProperties" not in closed["allOf"][0]
     assert "additionalProperties" not in schema["properties"]["a"]  # the caller's schema is untouched
+
+
+def test_numbers_are_bounded_as_llama_cpp_does(smol_tokenizer):
+    schema = {"type": "object", "properties": {"x": {"type": "number"}, "n": {"type": ["integer", "null"], "minimum": 0},
+                                               "p": {"type": "number", "maximum": 1, "multipleOf": 0.5},
+                                               "s": {"type": "string"}}}
+    bounded = bound_numbers(schema)["properties"]
+    assert bounded["x"] == {"type": "number", "minimum": -1e15, "maximum": 1e15, "multipleOf": 1e-10}
+    assert bounded["n"] == {"type": ["integer", "null"], "minimum": 0, "maximum": 1e15}
+    assert bounded["p"] == {"type": "number", "maximum": 1, "multipleOf": 0.5, "minimum": -1e15}
+    assert bounded["s"] == {"type": "string"} and schema["properties"]["x"] == {"type": "number"}
+    tok = smol_tokenizer
+    cases = [(GrammarConstraint.json_schema(tok, {"type": "number"}), "19.12345678901234"),
+             (GrammarConstraint.json_object(tok), '{"a": 19.12345678901234')]
+    for c, text in cases:
+        accepted = ""
+        for ch in text:  # character by character, so that the cut shows exactly
+            try:
+                for t in tok.encode(ch):
+                    c.accept(t)
+            except GrammarStateError:
+                break
+            accepted += ch
+        assert accepted == text[:text.index(".") + 11]  # ten decimals, no more
 
 
 # ------------------------------------------------------------------------------ real generations

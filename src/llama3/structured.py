@@ -67,6 +67,12 @@ from .tokenizer import Tokenizer
 # Where JSON allows whitespace: nothing, " ", or 1-2 newlines and an indent of up to 20 (llama.cpp's rule).
 JSON_WHITESPACE = r"[ ]|\n{1,2}[ \t]{0,20}"
 NEG_INF = float("-inf")
+# Any JSON object, spelled out so that bound_numbers reaches the numbers in it.
+ANY_JSON_OBJECT = {"$defs": {"value": {"anyOf": [
+    {"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"},
+    {"type": "array", "items": {"$ref": "#/$defs/value"}},
+    {"type": "object", "additionalProperties": {"$ref": "#/$defs/value"}}]}},
+    "type": "object", "additionalProperties": {"$ref": "#/$defs/value"}}
 
 
 class GrammarError(ValueError):
@@ -155,11 +161,12 @@ class GrammarConstraint:
         (e.g. ``uniqueItems``), and objects that list ``properties`` without saying otherwise get
         ``additionalProperties: false``, as in OpenAI's and xgrammar's strict modes (the output
         still validates against the schema as given). ``strict=False``: JSON Schema's own
-        defaults, and keywords the library cannot enforce are ignored.
+        defaults, and keywords the library cannot enforce are ignored. Either way numbers are
+        bounded (``bound_numbers``).
         """
         import llguidance
 
-        schema = _schema_dict(schema)
+        schema = bound_numbers(_schema_dict(schema))
         if strict:
             schema = close_objects(schema)
         try:
@@ -172,7 +179,7 @@ class GrammarConstraint:
     @classmethod
     def json_object(cls, tokenizer: Tokenizer) -> "GrammarConstraint":
         """Any JSON object (OpenAI's ``response_format: {"type": "json_object"}``)."""
-        return cls.json_schema(tokenizer, {"type": "object"}, strict=False)
+        return cls.json_schema(tokenizer, ANY_JSON_OBJECT, strict=False)
 
     @classmethod
     def regex(cls, tokenizer: Tokenizer, pattern: str) -> "GrammarConstraint":
@@ -258,31 +265,65 @@ def _schema_dict(schema) -> dict:
 
 
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "items")
+_SCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf", "items")
 _SCHEMA_ONES = ("items", "additionalProperties", "additionalItems", "contains", "not", "if", "then", "else",
                 "propertyNames", "unevaluatedItems", "unevaluatedProperties")
 
 
-def close_objects(schema: Any) -> Any:
-    """A copy of ``schema`` with ``additionalProperties: false`` on every object schema that lists ``properties``
-    and leaves additional ones unsaid. Branches of ``allOf`` stay open: an intersection of closed
-    objects with different properties would admit nothing."""
+def _rewrite(schema: Any, fix, in_all_of: bool = False) -> Any:
+    """A copy of ``schema`` with ``fix(subschema, in_all_of)`` applied to every subschema, innermost first."""
     if not isinstance(schema, Mapping):
         return schema
     out = dict(schema)
     for key in _SCHEMA_MAPS:
         if isinstance(out.get(key), Mapping):
-            out[key] = {name: close_objects(s) for name, s in out[key].items()}
+            out[key] = {name: _rewrite(s, fix) for name, s in out[key].items()}
     for key in _SCHEMA_LISTS:
         if isinstance(out.get(key), list):
-            out[key] = [close_objects(s) for s in out[key]]
+            out[key] = [_rewrite(s, fix, in_all_of or key == "allOf") for s in out[key]]
     for key in _SCHEMA_ONES:
         if isinstance(out.get(key), Mapping):
-            out[key] = close_objects(out[key])
-    open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
-    if isinstance(out.get("properties"), Mapping) and not any(k in out for k in open_keys):
-        out["additionalProperties"] = False
-    return out
+            out[key] = _rewrite(out[key], fix)
+    return fix(out, in_all_of)
+
+
+def close_objects(schema: Any) -> Any:
+    """A copy of ``schema`` with ``additionalProperties: false`` on every object schema that lists
+    ``properties`` and leaves additional ones unsaid. Branches of ``allOf`` (and objects with one) stay
+    open: an intersection of closed objects with different properties would admit nothing."""
+    def fix(node, in_all_of):
+        open_keys = ("additionalProperties", "patternProperties", "unevaluatedProperties", "allOf")
+        if isinstance(node.get("properties"), Mapping) and not in_all_of and not any(k in node for k in open_keys):
+            node["additionalProperties"] = False
+        return node
+    return _rewrite(schema, fix)
+
+
+# llama.cpp's json-schema-to-grammar caps a number at 16 integer and 16 decimal digits; JSON Schema has
+# no such keyword, so bounds say it: |x| <= 1e15 (15 digits) and multipleOf 1e-10 (10 decimals).
+NUMBER_LIMIT, NUMBER_STEP = 1e15, 1e-10
+
+
+def bound_numbers(schema: Any) -> Any:
+    """A copy of ``schema`` in which numbers cannot run on: wherever a number or an integer is allowed,
+    ``minimum``/``maximum`` of -/+1e15 unless bounds are given, and for numbers ``multipleOf`` 1e-10 unless
+    one is given. Only numbers the schema allows remain (it is a restriction), and a sampled number can no
+    longer grow digit by digit until max_tokens, which small models otherwise do."""
+    def fix(node, in_all_of):
+        types = node.get("type")
+        types = types if isinstance(types, list) else [types]
+        if "number" not in types and "integer" not in types:
+            return node
+        low = node.get("minimum", node.get("exclusiveMinimum"))
+        high = node.get("maximum", node.get("exclusiveMaximum"))
+        if low is None and (not isinstance(high, (int, float)) or high > -NUMBER_LIMIT):
+            node["minimum"] = -NUMBER_LIMIT
+        if high is None and (not isinstance(low, (int, float)) or low < NUMBER_LIMIT):
+            node["maximum"] = NUMBER_LIMIT
+        if "number" in types and "multipleOf" not in node:
+            node["multipleOf"] = NUMBER_STEP
+        return node
+    return _rewrite(schema, fix)
 
 
 def _first_lines(message: str, n: int = 6) -> str:

@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .structured import JSON_WHITESPACE, GrammarConstraint, close_objects
+from .structured import JSON_WHITESPACE, GrammarConstraint, bound_numbers, close_objects
 from .tokenizer import Tokenizer
 
 BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "code_interpreter")
@@ -340,7 +340,7 @@ def tool_call_constraint(tokenizer: Tokenizer, chat_format, tools: Sequence[dict
     if tool_style(chat_format) != "hermes":
         return GrammarConstraint.json_schema(tokenizer, close_objects(tool_call_schema(tools, tool_choice)),
                                              strict=strict)
-    schema = close_objects(tool_call_schema(tools, tool_choice, argument_key="arguments"))
+    schema = bound_numbers(close_objects(tool_call_schema(tools, tool_choice, argument_key="arguments")))
     schema["x-guidance"] = {"whitespace_pattern": JSON_WHITESPACE, "lenient": not strict}
     grammar = f'start: "<tool_call>\\n" call "\\n</tool_call>"\ncall: %json {json.dumps(schema)}'
     return GrammarConstraint(tokenizer, llguidance.LLMatcher.grammar_from_lark(grammar), "json_schema")
