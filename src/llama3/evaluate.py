@@ -6,8 +6,10 @@
     result = perplexity(llm, llm.encode_prompt(open("wiki.test.raw").read()), ctx=512)
     print(result)      # PPL = ... +/- ... over N chunks of 512 tokens (... tokens scored)
 
-Everything runs plain forward passes from position 0 without a KV cache (each window is causal on
-its own), and computes the output projection only at the positions that are scored.
+``prompt_logprobs(llm, ids, top=5)`` gives each prompt token's logprob and the top alternatives (what
+``echo`` with ``logprobs`` returns). Everything runs plain forward passes from position 0 without a KV
+cache (each window is causal on its own), and computes the output projection only at the positions
+that are scored.
 
 Faces: ``llama3 perplexity FILE`` (llama.cpp's numbers, to compare quantizations by), ``llama3 eval
 FILE.jsonl`` (multiple-choice and generate-until tasks from a local JSON-lines file), ``llama3 eval
