@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 
 NEG_INF = float("-inf")
@@ -66,17 +67,18 @@ class LogitBias:
             values.append(float(value))
         self.bias = dict(zip(ids, values))
         self.vocab_size = vocab_size
-        banned = [t for t, v in self.bias.items() if v == -100]
-        added = [(t, v) for t, v in self.bias.items() if v != -100]
-        self._banned = torch.tensor(banned, dtype=torch.long)
-        self._ids = torch.tensor([t for t, _ in added], dtype=torch.long)
-        self._values = torch.tensor([v for _, v in added], dtype=torch.float32)
+        self._banned = np.array([t for t, v in self.bias.items() if v == -100], dtype=np.int64)
+        self._ids = np.array([t for t, v in self.bias.items() if v != -100], dtype=np.int64)
+        self._values = np.array([v for v in self.bias.values() if v != -100], dtype=np.float32)
 
     def __call__(self, token_ids: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         if self.bias and max(self.bias) >= logits.shape[-1]:
             raise ValueError(f"logit_bias names token {max(self.bias)}, but the logits have {logits.shape[-1]} entries")
-        out = logits.index_add(-1, self._ids, self._values.to(logits.dtype))
-        return out.index_fill(-1, self._banned, NEG_INF)
+        # numpy, as GrammarConstraint: one thread, no OpenMP region between two decode steps
+        out = logits.detach().to("cpu", torch.float32).numpy().copy()
+        out[self._ids] += self._values
+        out[self._banned] = NEG_INF
+        return torch.from_numpy(out)
 
     def accept(self, token_id: int) -> None:
         pass
