@@ -115,7 +115,7 @@ class _Running:
                                    self.req.params.presence_penalty, self.req.params.frequency_penalty)
         token = int(self.sampler(work, self.rng)[0])
         for p in self.req.processors:
-            if hasattr(p, "accept"):
+            if hasattr(p, "accept") and token not in self.stop_ids:  # an end-of-turn token ends the sequence
                 p.accept(token)
         self.constrained_done = any(getattr(p, "is_finished", lambda: False)() for p in self.req.processors)
         if self.counts is not None:
