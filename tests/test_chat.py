@@ -134,7 +134,7 @@ HOSTILE_TEMPLATES = {
     "1 GB string": ("{{ 'x' * 1000000000 }}", "a repeated sequence of length 1000000000"),
     "1 GB list": ("{{ ([0] * 100000000)|length }}", "a repeated sequence"),
     "doubling with ~": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s ~ ns.s %}"
-                        "{% endfor %}", "a concatenation"),
+                        "{% endfor %}", "would write a concatenation"),
     "doubling with +": ("{% set ns = namespace(s='x') %}{% for i in range(64) %}{% set ns.s = ns.s + ns.s %}"
                         "{% endfor %}", "a concatenation"),
     "macro buffer": ("{% set s = 'x' * 1000000 %}{% macro m() %}{% for i in range(100000) %}{{ s }}{% endfor %}"
@@ -154,7 +154,7 @@ HOSTILE_TEMPLATES = {
     "str.format width": ("{{ '{:>999999999}'.format(1) }}", "a formatted string"),
     "replace ''": ("{{ ('x' * 100000).replace('', 'y' * 100000) }}", "a replaced string"),
     "replace filter": ("{{ ('x' * 100000)|replace('', 'y' * 100000) }}", "a replaced string"),
-    "join": ("{{ ('y' * 1000000).join(range(100000)|map('string')|list) }}", "a joined string"),
+    "join": ("{{ ('y' * 1000000).join(range(10000)|map('string')|list) }}", "a joined string"),
     "expandtabs": ("{{ ('\\t' * 100000).expandtabs(1000000) }}", "an expanded string"),
     "sum of lists": ("{{ ([[1]] * 100000)|sum(start=[])|length }}", "summed non-numbers"),
     "batch": ("{{ [1]|batch(1000000000, 0)|list|length }}", "the number 1000000000"),
@@ -165,6 +165,15 @@ HOSTILE_TEMPLATES = {
     "raise": ("{{ raise_exception('no tools here') }}", "raised: no tools here"),
     "lipsum": ("{{ lipsum(100000) }}", "'lipsum' is undefined"),
     "escape": ("{{ ''.__class__.__mro__[1].__subclasses__() }}", "tried to leave its sandbox"),
+    # small values whose text is huge: 1000 references to one 1 MB string
+    "list as text": ("{% set s = 'x' * 1000000 %}{{ [s] * 1000 }}", "would write a value of more than"),
+    "list in ~": ("{% set s = 'x' * 1000000 %}{{ 'a' ~ ([s] * 1000) }}", "would write a concatenation"),
+    "list to json": ("{% set s = 'x' * 1000000 %}{{ ([s] * 1000)|tojson|length }}", "the text of |tojson's input"),
+    "list in printf": ("{% set s = 'x' * 1000000 %}{{ '%s' % ([s] * 1000,) }}", "a formatted string"),
+    "list in format": ("{% set s = 'x' * 1000000 %}{{ '{}'.format([s] * 1000) }}", "a formatted string"),
+    "namespace as text": ("{% set s = 'x' * 1000000 %}{% set ns = namespace(a=[s] * 1000) %}{{ ns }}",
+                          "would write a value"),
+    "join of a generator": ("{{ range(10000)|map('string')|join('y' * 1000000) }}", "a joined string"),
 }
 
 

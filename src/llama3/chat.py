@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import reprlib
 import string
 import threading
 import time
@@ -232,13 +233,37 @@ class _Budget:
         if self.steps % 256 == 0 and time.thread_time() > self.deadline:  # reading the clock costs ~1 us
             raise ChatTemplateError(f"the chat template ran past its time budget of {self.seconds} s")
 
-    def write(self, text: str) -> str:
-        """Count what the template writes, to its output or to a buffer (a macro, a set block)."""
+    def output(self, value):
+        """Count what the template writes, to its output or to a buffer (a macro, a set block), before
+        it becomes text."""
         self.tick()
-        self.written += len(text)
+        self.written += self.weight(value, "a value")
         if self.written > self.chars:
             raise ChatTemplateError(f"the chat template wrote more than its budget of {self.chars} characters")
-        return text
+        return value
+
+    def weight(self, value, what: str) -> int:
+        """About how long ``str(value)`` is, found without building it -- a list of 1000 references to a
+        1 MB string is small, its text is not -- and refused past the budget."""
+        from jinja2.utils import Namespace
+
+        total, stack = 0, [value]
+        while stack:
+            v = stack.pop()
+            if isinstance(v, str):
+                total += len(v)
+            elif isinstance(v, (list, tuple, set, frozenset, dict, Namespace)):
+                items = v._Namespace__attrs if isinstance(v, Namespace) else v  # what its repr shows
+                total += 2 + 4 * len(items)
+                stack.extend(items.items() if isinstance(items, dict) else items)
+                if len(stack) % 1024 == 0:
+                    self.tick()
+            else:
+                total += 24  # a number (integers are kept below MAX_INT_BITS), None, an undefined
+            if total > self.chars:
+                raise ChatTemplateError(f"the chat template would write {what} of more than its budget of "
+                                        f"{self.chars} characters")
+        return total
 
     def size(self, n: int, what: str) -> None:
         if n > self.chars:
@@ -276,9 +301,10 @@ class _Budget:
             self.printf(a, b if isinstance(b, tuple) else (b,))
 
     def printf(self, fmt: str, args) -> None:
-        """A printf-style format's widths and precisions (``%10000000s``, ``%*d``) within the budget."""
+        """A printf-style format's widths and precisions (``%10000000s``, ``%*d``) and arguments within
+        the budget."""
         stars = [a for a in args if isinstance(a, int)]
-        width = 0
+        width = len(fmt) + self.weight(list(args), "a formatted string")
         for m in _PRINTF_SPEC.finditer(fmt):
             for number in m.groups():
                 width += max(stars, default=0) if number == "*" else int(number or 0)
@@ -287,7 +313,7 @@ class _Budget:
     def str_format(self, fmt: str, args, kwargs) -> None:
         """The same for ``str.format`` specs (``{:>10000000}``); nested fields take the largest int given."""
         largest = max((a for a in (*args, *kwargs.values()) if isinstance(a, int)), default=0)
-        width = 0
+        width = len(fmt) + self.weight([*args, *kwargs.values()], "a formatted string")
         for _, _, spec, _ in string.Formatter().parse(fmt):
             if spec:
                 width += sum(int(n) for n in re.findall(r"\d+", spec)) + spec.count("{") * largest
@@ -296,14 +322,18 @@ class _Budget:
     def filter(self, name: str, value, args, kwargs) -> None:
         """Size checks for the filters whose result can outgrow their inputs (``value|name(*args)``)."""
         self.arguments(args, kwargs)
+        if name in _STRINGIFYING_FILTERS:
+            self.weight(value, f"the text of |{name}'s input")
         first = kwargs.get("width", args[0] if args else 4) if name == "indent" else args[0] if args else None
         if name == "indent" and isinstance(value, str):
             step = len(first) if isinstance(first, str) else first if isinstance(first, int) else 0
             self.size(len(value) + (value.count("\n") + 1) * step, "an indented string")
         elif name == "replace" and isinstance(value, str):
             self.replace(value, args)
-        elif name == "join" and hasattr(value, "__len__"):
-            self.size(len(value) * len(str(kwargs.get("d", first if first is not None else ""))), "a joined string")
+        elif name == "join" and isinstance(value, (list, tuple)):
+            separator = kwargs.get("d", first if first is not None else "")
+            self.size(self.weight(value, "a joined string") + len(value) * self.weight(separator, "a separator"),
+                      "a joined string")
         elif name == "format" and isinstance(value, str):
             self.printf(value, args)
         elif name == "sum" and not isinstance(kwargs.get("start", args[1] if len(args) > 1 else 0), (int, float)):
@@ -317,10 +347,21 @@ class _Budget:
             self.size(len(obj) + obj.count("\t") * (first if isinstance(first, int) else 8), "an expanded string")
         elif name == "replace":
             self.replace(obj, args)
-        elif name == "join" and hasattr(first, "__len__"):
-            self.size(len(first) * len(obj), "a joined string")
+        elif name == "join" and isinstance(first, (list, tuple)):
+            self.size(self.weight(first, "a joined string") + len(first) * len(obj), "a joined string")
         elif name in ("format", "format_map"):
             self.str_format(obj, args, kwargs)
+
+    def listed(self, value):
+        """A generator as the list it yields (at most the budget's length of items); anything else as is."""
+        if isinstance(value, (str, bytes, list, tuple, dict, set, frozenset)) or not hasattr(value, "__next__"):
+            return value
+        items = []
+        for item in value:
+            items.append(item)
+            self.tick()
+            self.size(len(items), "a list")
+        return items
 
     def replace(self, text: str, args) -> None:
         if len(args) >= 2 and isinstance(args[0], str) and isinstance(args[1], str):
@@ -329,6 +370,12 @@ class _Budget:
             self.size(len(text) + count * max(len(new) - len(old), 0), "a replaced string")
 
 
+# jinja2's filters that turn their value into text (str() of a list shows every element).
+_STRINGIFYING_FILTERS = frozenset({"string", "tojson", "pprint", "format", "join", "urlencode", "xmlattr", "e",
+                                   "escape", "forceescape", "safe", "striptags", "title", "upper", "lower",
+                                   "capitalize", "trim", "wordcount", "truncate", "wordwrap", "center", "indent",
+                                   "replace", "urlize"})
+
 # %[(name)][flags][width][.precision]type: the width and precision groups
 _PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
 
@@ -336,7 +383,7 @@ _PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[#0\- +]*(\*|\d+)?(?:\.(\*|\d+))?")
 class _BudgetedCodeGenerator(CodeGenerator):
     """jinja2's code generator, with three more hooks into the environment: every ``for`` loop
     iterates through ``budget_iter``, every ``~`` joins through ``budget_concat``, and every piece
-    of output (constant text included) goes through ``budget_write``."""
+    of output (constant text included) goes through ``budget_output`` before it becomes text."""
 
     def visit_For(self, node: nodes.For, frame) -> None:
         guarded = nodes.Call(nodes.EnvironmentAttribute("budget_iter"), [node.iter], [], None, None,
@@ -353,15 +400,15 @@ class _BudgetedCodeGenerator(CodeGenerator):
         self.write("))")
 
     def _output_const_repr(self, group) -> str:
-        return f"environment.budget_write({super()._output_const_repr(group)})"
+        return f"environment.budget_output({super()._output_const_repr(group)})"
 
     def _output_child_pre(self, node, frame, finalize) -> None:
-        self.write("environment.budget_write(")
-        super()._output_child_pre(node, frame, finalize)
+        super()._output_child_pre(node, frame, finalize)  # str(
+        self.write("environment.budget_output(")
 
     def _output_child_post(self, node, frame, finalize) -> None:
-        super()._output_child_post(node, frame, finalize)
         self.write(")")
+        super()._output_child_post(node, frame, finalize)
 
 
 class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
@@ -407,6 +454,8 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
             if budget is None:  # jinja folding constants at compile time: leave it to the render
                 raise ChatTemplateError("no render in progress")
             budget.tick()
+            if name == "join":  # weigh what a generator would yield before joining it
+                args = tuple(budget.listed(a) for a in args)
             plain = [a for a in args if not _is_jinja_internal(a)]
             if plain:
                 budget.filter(name, plain[0], plain[1:], kwargs)
@@ -421,10 +470,12 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
             budget.arguments(args, kwargs)
             target = getattr(obj, "__wrapped__", obj)  # str.format arrives wrapped by the sandbox
             if isinstance(getattr(target, "__self__", None), str):
+                if target.__name__ == "join":
+                    args = tuple(budget.listed(a) for a in args)
                 budget.method(target.__name__, target.__self__, args, kwargs)
-            budget.depth += 1
-            if budget.depth > budget.max_depth:
+            if budget.depth >= budget.max_depth:
                 raise ChatTemplateError(f"the chat template nested calls more than {budget.max_depth} deep")
+            budget.depth += 1
         try:
             result = super().call(context, obj, *args, **kwargs)
         finally:
@@ -458,12 +509,11 @@ class _BudgetedEnvironment(ImmutableSandboxedEnvironment):
 
     def budget_concat(self, parts) -> str:
         budget = self._needed()
-        texts = [str(p) for p in parts]
-        budget.size(sum(map(len, texts)), "a concatenation")
-        return "".join(texts)
+        budget.weight(list(parts), "a concatenation")
+        return "".join(map(str, parts))
 
-    def budget_write(self, text: str) -> str:
-        return self._needed().write(text)
+    def budget_output(self, value):
+        return self._needed().output(value)
 
 
 def _is_jinja_internal(value) -> bool:
@@ -475,7 +525,8 @@ def _is_jinja_internal(value) -> bool:
 
 
 def _raise_exception(message: str):
-    raise ChatTemplateError(f"the chat template raised: {str(message)[:500]}")
+    text = message[:500] if isinstance(message, str) else reprlib.repr(message)
+    raise ChatTemplateError(f"the chat template raised: {text}")
 
 
 def _strftime_now(fmt: str) -> str:
