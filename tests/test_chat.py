@@ -254,3 +254,34 @@ def test_llama3_format_without_bos(meta_tok):
     tok.bos_id = None
     _, ids = Llama3ChatFormat(tok).render([{"role": "user", "content": "hi"}])
     assert ids[0] == 128006 and None not in ids
+
+
+JINJA_FEATURES = [
+    "{% for m in messages %}{{ loop.index }}/{{ loop.length }}{{ loop.cycle('x','y') }}{% if loop.previtem %}<"
+    "{{ loop.previtem.content }}{% endif %}{{ m.content }}{% endfor %}",
+    "{% for m in [] %}x{% else %}empty{% endfor %}",
+    "{% for m in messages if m.role == 'user' %}{{ m.content }}{{ loop.last }}{% endfor %}",
+    "{% for k, v in {'a': 1, 'b': 2}|dictsort %}{{ k }}={{ v }};{% endfor %}",
+    "{% for item in [[1, [2, [3]]]] recursive %}{{ loop.depth }}{% if item is iterable %}{{ loop(item) }}"
+    "{% else %}{{ item }}{% endif %}{% endfor %}",
+    "{% for m in messages %}{% for n in messages %}{% if loop.index > 1 %}{% continue %}{% endif %}"
+    "{{ m.content ~ n.content }}{% endfor %}{% endfor %}",
+    "{% set ns = namespace(x=0) %}{% for i in range(5) %}{% set ns.x = ns.x + i * 2 ** 3 % 7 // 1 %}{% endfor %}"
+    "{{ ns.x }}{{ '%s:%03d' % ('n', 7) }}{{ '{}-{:>4}'.format('a', 'b') }}",
+    "{% macro r(m) %}[{{ caller() }}{{ m }}]{% endmacro %}{% call r('z') %}in{% endcall %}",
+    "{% filter upper %}{{ messages[0].content }} hi{% endfilter %}{{ messages|map(attribute='role')|join(', ') }}",
+    "{% set x %}{% for m in messages %}{{ m.role }}{% endfor %}{% endset %}{{ x|length }}{{ [1, 2] * 2 }}",
+]
+
+
+@pytest.mark.parametrize("template", JINJA_FEATURES, ids=range(len(JINJA_FEATURES)))
+def test_budgeted_sandbox_renders_as_jinja2_does(meta_tok, template):
+    """The budget's hooks (loops, ~, operators, output) change no result: loop variables, else, filters
+    in loops, recursive loops, loop controls, namespaces, macros with caller, filter and set blocks."""
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    plain = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    expected = plain.from_string(template).render(messages=messages)
+    assert JinjaChatFormat(template, meta_tok).render_text(messages) == expected
