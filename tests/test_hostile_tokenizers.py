@@ -281,3 +281,11 @@ def test_peak_memory_sees_an_allocation():
         block = bytearray(64 << 20)
         del block
     assert peak["bytes"] >= 60 << 20
+
+
+def test_oversized_tokenizer_files_are_not_read(tmp_path):
+    for name in ("tokenizer.model", "tokenizer.json"):
+        path = tmp_path / name
+        with open(path, "wb") as f:
+            f.truncate(65 << 20)  # sparse: 65 MB stated, nothing written
+        refused(lambda: load_tokenizer(path), str(path), "larger than any tokenizer file", max_growth=16 << 20)

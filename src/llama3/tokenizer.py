@@ -45,7 +45,8 @@ MAX_NO_WHITESPACES_CHARS = 25_000  # ...and cuts runs of whitespace or non-white
 # Bounds on what a tokenizer file may state. The largest published vocabularies have 262,144
 # tokens (Gemma 3) and the largest tokenizer.json files about 33 MB.
 MAX_VOCAB_SIZE = 1 << 21  # every token id must be below this
-MAX_TOKENIZER_FILE_BYTES = 128 << 20  # tokenizer.model, tokenizer.json, tokenizer_config.json
+MAX_TOKENIZER_FILE_BYTES = 64 << 20  # tokenizer.model, tokenizer.json (parsed, ~10x this in memory)
+MAX_CONFIG_FILE_BYTES = 16 << 20  # tokenizer_config.json, chat_template.jinja, params.json
 # Deriving SentencePiece merges splits every token at every position: sum(len(token)^2) steps.
 MAX_SPM_MERGE_WORK = 64_000_000
 
@@ -113,7 +114,7 @@ def _read_bounded(path: str | os.PathLike, limit: int = MAX_TOKENIZER_FILE_BYTES
 
 
 def _read_json_object(path: Path) -> dict:
-    data = _read_bounded(path)
+    data = _read_bounded(path, MAX_CONFIG_FILE_BYTES)
     try:
         value = json.loads(data)
     except (ValueError, RecursionError) as e:  # RecursionError: JSON nested thousands deep
@@ -485,7 +486,7 @@ def _chat_template(config: dict, folder: Path) -> str | None:
     jinja = folder / "chat_template.jinja"
     if jinja.is_file():
         try:
-            return _read_bounded(jinja).decode("utf-8")
+            return _read_bounded(jinja, MAX_CONFIG_FILE_BYTES).decode("utf-8")
         except UnicodeDecodeError as e:
             raise TokenizerError(f"{jinja}: not UTF-8 text: {e}") from None
     return None
