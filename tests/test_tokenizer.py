@@ -436,3 +436,17 @@ def test_smollm2_matches_llama_cpp(smol_tok, llama_cpp_smollm2, text):
     """Token for token, control characters included: both drop the few bytes SmolLM2's vocabulary lacks
     (0x04, 0x06, ...), as neither has a token for them."""
     assert smol_tok.encode(text) == llama_cpp_smollm2(text)
+
+
+def test_gguf_user_defined_tokens_are_always_tokens():
+    """As in llama.cpp (tokenizer_st_partition): user-defined tokens (type 4) are matched in any text,
+    control tokens (type 3) only with special tokens allowed."""
+    from llama3.tokenizer import tokenizer_from_gguf
+
+    md = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+          "tokenizer.ggml.tokens": ["a", "b", "ab", "<u>", "<s>", "<", "s", ">"],
+          "tokenizer.ggml.token_type": [1, 1, 1, 4, 3, 1, 1, 1], "tokenizer.ggml.merges": ["a b"]}
+    tok = tokenizer_from_gguf(md, "tiny.gguf")
+    assert tok.encode("ab<u>b<s>") == [2, 3, 1, 5, 6, 7]
+    assert tok.encode("ab<u>b<s>", allow_special=True) == [2, 3, 1, 4]
+    assert tok.special_tokens == {"<s>": 4} and tok.decode([2, 3, 4]) == "ab<u><s>"
