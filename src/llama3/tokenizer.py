@@ -418,7 +418,7 @@ def load_tokenizer_json(path: str | os.PathLike) -> HFTokenizer:
             table[i] = added[i].content.encode("utf-8", "replace")
         else:
             table[i] = _byte_level_bytes(token) if byte_level else _sentencepiece_bytes(token)
-    special = {tok.content: i for i, tok in added.items() if tok.special}
+    special = {tok.content: i for i, tok in added.items() if tok.special and i < size}
 
     config_path = path.parent / "tokenizer_config.json"
     config = _read_json_object(config_path) if config_path.is_file() else {}
