@@ -74,6 +74,9 @@ def fuzz(argv: list[str]) -> None:
     crashes.mkdir(parents=True, exist_ok=True)
     defaults = {"-timeout": "20", "-rss_limit_mb": "3072", "-max_len": str(harness.max_len),
                 "-artifact_prefix": f"{crashes}/", "-print_final_stats": "1"}
+    words = FUZZ / "dicts" / f"{name}.dict"  # the keys and keywords the inputs are made of
+    if words.exists():
+        defaults["-dict"] = str(words)
     given = {f.split("=", 1)[0] for f in flags}
     flags += [f"{k}={v}" for k, v in defaults.items() if k not in given]
     seen: set[str] = set()
