@@ -346,7 +346,8 @@ class HFTokenizer(Tokenizer):
         if not text:
             return []
         with _rust_errors(f"{self.path}: the tokenizer failed to encode"):
-            return self._backend.encode(text, add_special_tokens=False).ids
+            # encode_batch_fast tracks no character offsets: 1.5-2x faster on long text than encode
+            return self._backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
 
 
 @lru_cache(maxsize=1)
