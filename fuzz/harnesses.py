@@ -298,7 +298,8 @@ class Known:
     harness: str
     error: str  # a regex the exception's type name matches ("timeout": the input hangs)
     message: str  # a regex its message matches
-    finding: str  # the finding's name in fuzz-findings.md, and its input's in fuzz/crashes/HARNESS/
+    finding: str  # its name in fuzz-findings.md; its inputs in fuzz/crashes/HARNESS/ start with it
+    where: str = ""  # a function the exception must come out of (its traceback passes through it)
 
 
 # Each has its input in fuzz/crashes/HARNESS/; tests/test_fuzz_smoke.py checks they still fail there,
@@ -307,8 +308,8 @@ KNOWN_FINDINGS = (
     Known("server_requests", "RuntimeError|ValueError", "Overflow when unpacking long", "seed-beyond-64-bits"),
     Known("server_requests", "TypeError", "sequence item 0: expected str instance", "content-part-text-not-a-string"),
     Known("gguf_header", "timeout", "", "timeout-block-count-2-31"),
-    Known("hf_folder", "KeyError", "original_max_position_embeddings|low_freq_factor|high_freq_factor|factor",
-          "hf-rope-scaling-missing-key"),
+    Known("hf_folder", "KeyError|TypeError|ValueError|AttributeError|OverflowError", "", "hf-config-raw-errors",
+          where="args_from_hf_config"),
 )
 
 
@@ -323,10 +324,18 @@ def check(harness: Harness, data: bytes) -> None:
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         known = next((k for k in KNOWN_FINDINGS if k.harness == harness.name and re.fullmatch(k.error, type(e).__name__)
-                      and re.search(k.message, str(e))), None)
+                      and re.search(k.message, str(e)) and (not k.where or k.where in _functions(e))), None)
         kind = KnownFinding if known else Finding
         raise kind(f"{harness.name}: {type(e).__name__}: {e}" + (f" (known: {known.finding})" if known else "")) \
             from e
+
+
+def _functions(e: BaseException) -> set[str]:
+    names, tb = set(), e.__traceback__
+    while tb is not None:
+        names.add(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return names
 
 
 class Finding(AssertionError):
