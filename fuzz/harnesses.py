@@ -14,9 +14,11 @@ outside a harness's list of expected files are ignored, so no input can write an
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +46,9 @@ def unbundle(data: bytes, allowed: tuple[str, ...]) -> dict[str, bytes]:
 @cache
 def _workdir() -> Path:
     """One scratch folder per process (inputs are written here, then read back by the loaders)."""
-    return Path(tempfile.mkdtemp(prefix="llama3-fuzz-"))
+    path = tempfile.mkdtemp(prefix="llama3-fuzz-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return Path(path)
 
 
 def _write_folder(files: dict[str, bytes]) -> Path:
