@@ -5,7 +5,7 @@ PIP    := $(PY) -m pip --disable-pip-version-check -q
 STAMP  := $(VENV)/.installed
 PROMPT ?= The three primary colors are
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench fuzz clean
 
 $(STAMP): pyproject.toml Makefile $(wildcard src/llama3/kernels/*.c src/llama3/kernels/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,6 +31,16 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/llama3 bench --compare llama.cpp,transformers
+
+# Coverage-guided fuzzing (atheris) of every reader of untrusted input, FUZZ_SECONDS each (fuzz/run.py).
+# Failing inputs land in fuzz/crashes/<harness>/; findings already reported are passed over.
+FUZZ_SECONDS ?= 60
+FUZZ_HARNESSES ?= gguf_header hf_folder meta_folder tiktoken_model tokenizer_json gguf_vocab chat_template server_requests
+fuzz: setup
+	$(PIP) install -e '.[fuzz]'
+	status=0; for h in $(FUZZ_HARNESSES); do \
+		nice $(PY) fuzz/run.py $$h --skip-known -max_total_time=$(FUZZ_SECONDS) || status=1; \
+	done; exit $$status
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -274,28 +274,14 @@ def test_render_tools_prompt_routes_llama3_vocabularies(llama_tok, hf_tok):
     assert '{"name": "get_weather", "parameters": {"city": "Paris", "unit": "celsius"}}<|eot_id|>' in text
 
 
-def _sorted_tool():
-    """A tool whose keys are in sorted order and whose text has no <, >, & or ': what jinja2's own tojson
-    (the one chat.py's sandbox has) writes the same as transformers' (see the xfail below)."""
-    return {"function": {"description": "Get the weather", "name": "get_weather",
-                         "parameters": {"properties": {"city": {"type": "string"}}, "required": ["city"],
-                                        "type": "object"}}, "type": "function"}
-
-
-def test_templates_that_render_tools_get_them(llama_tok, hf_tok):
+def test_templates_that_render_tools_get_them_as_transformers_does(llama_tok, hf_tok):
+    """The sandbox's tojson is transformers' (json.dumps, keys in the order given, no HTML escapes), so
+    a template that renders tools itself writes them byte for byte as transformers does."""
     fmt = JinjaChatFormat(LLAMA32_TEMPLATE, llama_tok)
     assert tool_style(fmt) == "template"
     messages = CONVERSATIONS["system and user"]
-    text, ids = render_tools_prompt(fmt, messages, [_sorted_tool()], date_string=DATE)
-    assert (text, ids) == hf_render(hf_tok, LLAMA32_TEMPLATE, messages, tools=[_sorted_tool()])
-
-
-@pytest.mark.xfail(strict=True, reason="chat.py's sandbox uses jinja2's tojson (sorted keys, HTML escapes), not "
-                                       "transformers' (json.dumps as given): see the helper's report")
-def test_templates_render_tools_as_transformers_does(llama_tok, hf_tok):
-    fmt = JinjaChatFormat(LLAMA32_TEMPLATE, llama_tok)
-    text, _ = render_tools_prompt(fmt, CONVERSATIONS["system and user"], [WEATHER], date_string=DATE)
-    assert text == hf_render(hf_tok, LLAMA32_TEMPLATE, CONVERSATIONS["system and user"], tools=[WEATHER])[0]
+    text, ids = render_tools_prompt(fmt, messages, [WEATHER], date_string=DATE)
+    assert (text, ids) == hf_render(hf_tok, LLAMA32_TEMPLATE, messages, tools=[WEATHER])
 
 
 def test_templates_without_tools_get_them_in_the_system_message(smollm2_fast):
