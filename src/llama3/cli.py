@@ -39,9 +39,20 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="weight dtype (default: auto = float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--ctx", type=int, default=None, metavar="N",
                    help="context length to use (default: the model's own)")
-    p.add_argument("--quantize", default="auto", choices=["auto", "int8", "int4", "none"],
-                   help="auto (default): keep a GGUF's quantized blocks and run them with the quantized CPU "
-                        "kernels; int8/int4: quantize float weights on load; none: the exact float path")
+    from .loading import KV_DTYPES
+    from .quantize import SCHEMES
+
+    p.add_argument("--quantize", default="auto", choices=["auto", *SCHEMES, "none"], metavar="SCHEME",
+                   help="auto (default): run a GGUF's blocks and 16-bit weights as they are in the file, "
+                        "with the CPU kernels; int8 (= q8_0), int4 (= q4_k, with q6_k output) or a GGUF kind "
+                        f"({', '.join(s for s in SCHEMES if s not in ('int8', 'int4'))}): quantize every "
+                        "matrix while loading; none: the exact float path")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="use at most N threads (default: every core; the decode step measures which count "
+                        "is fastest as it runs and keeps measuring, so a busy machine does not slow it down)")
+    p.add_argument("--kv-dtype", default="auto", choices=["auto", *KV_DTYPES],
+                   help="KV cache dtype (default: auto = float16 for quantized CPU models, halving what "
+                        "attention reads at long context; the model's dtype otherwise)")
     p.add_argument("--no-check", dest="check", action="store_false",
                    help="skip the NaN/inf check of the weights at load (a vectorized pass over the file)")
 
@@ -80,7 +91,8 @@ def _load(ns):
     if ns.model is None:
         print("using the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",
               file=sys.stderr)
-    llm = load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx, check=ns.check)
+    llm = load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx, check=ns.check,
+               threads=ns.threads, kv_dtype=ns.kv_dtype)
     if getattr(ns, "verbose", False):
         print(f"runs as: {llm.describe()}", file=sys.stderr)
     return llm

@@ -115,10 +115,14 @@ class Llama:
     """A loaded model: ``args``, ``model``, ``tokenizer``, ``chat_format``, and generation on top."""
 
     def __init__(self, args: ModelArgs, model: Transformer, tokenizer: Tokenizer, chat_format=None,
-                 path: str | None = None, format: str = "", max_context: int | None = None):
+                 path: str | None = None, format: str = "", max_context: int | None = None,
+                 engine_options: dict | None = None):
+        """``engine_options``: keyword arguments for every ``Engine`` run on this model (``threads``,
+        ``kv_dtype``, ``decoder``, ...; the server's scheduler builds its engine with them too)."""
         self.args, self.model, self.tokenizer, self.chat_format = args, model, tokenizer, chat_format
         self.path, self.format = path, format
-        self.generator = Generator(model, tokenizer, max_context)
+        self.engine_options = {k: v for k, v in (engine_options or {}).items() if v is not None}
+        self.generator = Generator(model, tokenizer, max_context, **self.engine_options)
         self.dequantized: list[tuple[str, str]] = []  # set by load: tensors widened for want of a kernel
 
     @property

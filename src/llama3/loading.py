@@ -45,6 +45,31 @@ def parse_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+KV_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def parse_kv_dtype(kv_dtype) -> torch.dtype | None:
+    """``kv_dtype=`` as a torch dtype (None for "auto"/None: ``engine.default_kv_dtype`` decides)."""
+    if isinstance(kv_dtype, torch.dtype):
+        return kv_dtype
+    if kv_dtype in (None, "auto"):
+        return None
+    if kv_dtype not in KV_DTYPES:
+        raise ValueError(f"unknown kv_dtype {kv_dtype!r}; expected one of auto, {', '.join(KV_DTYPES)}")
+    return _DTYPES[kv_dtype]
+
+
+def set_threads(threads: int | None) -> int | None:
+    """Cap the threads this process computes with: PyTorch's intra-op pool (prefill, the per-op kernels)
+    and the most the C decode step may use (it still measures which count up to that is fastest)."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    torch.set_num_threads(threads)
+    return threads
+
+
 def check_quantize(quantize) -> str | None:
     """``quantize=`` as the scheme to quantize to on load (None for "auto"/None/"none"), or ValueError."""
     from .quantize import SCHEMES
@@ -57,7 +82,8 @@ def check_quantize(quantize) -> str | None:
 
 
 def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", fuse: bool = True,
-         quiet: bool = False, max_context: int | None = None, check: bool = True) -> Llama:
+         quiet: bool = False, max_context: int | None = None, check: bool = True, threads: int | None = None,
+         kv_dtype=None) -> Llama:
     """Load a checkpoint (GGUF file, HF folder or Meta folder; None = the embedded SmolLM2-135M-Instruct).
 
     ``quantize``: "auto" runs a GGUF's blocks (and 16-bit matrices) as they are in the file, read in
@@ -68,6 +94,9 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
     compatibility and changes nothing: the weights keep Meta's layout, read in place (joining wq/wk/wv
     would copy them out of the file's map), and the C decode step runs them in one pass itself.
     ``check`` refuses weights holding NaN or inf (one vectorized pass; False skips it).
+    ``threads`` caps the threads used (``set_threads``; default: all cores, the decode step measuring
+    which count is fastest as it runs). ``kv_dtype`` ("float32", "float16", "bfloat16"; default "auto":
+    float16 for models run from quantized blocks on the CPU, the model's dtype otherwise).
     """
     from . import kernels
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
@@ -75,6 +104,7 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
 
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
+    engine_options = {"threads": set_threads(threads), "kv_dtype": parse_kv_dtype(kv_dtype)}
     quantize = None if quantize == "none" else quantize
     kind = check_quantize(quantize)
     if kind and device.type != "cpu":
@@ -97,7 +127,7 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
             source = str(Path(ckpt.path) / "tokenizer_config.json")
         bar.set_description_str("reading the chat template")
         chat = chat_format_for(tokenizer, template if isinstance(template, str) else None, source)
-    llm = Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context)
+    llm = Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context, engine_options)
     llm.dequantized = list(ckpt.dequantized)  # (tensor, kind) converted to float because no kernel runs its kind
     return llm
 

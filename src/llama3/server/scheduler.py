@@ -107,7 +107,7 @@ class Scheduler:
                  metrics: Metrics | None = None, **engine_options):
         self.llm, self.max_batch, self.max_queue = llm, max_batch, max_queue
         self.engine = Engine(llm.model, llm.tokenizer, max_batch=max_batch, context=ctx or llm.generator.context,
-                             **engine_options)
+                             **{**getattr(llm, "engine_options", {}), **engine_options})
         self.ctx = self.engine.context
         self.metrics = metrics or Metrics()
         self.jobs: dict[int, Job] = {}
