@@ -50,6 +50,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="use at most N threads (default: every core; the decode step measures which count "
                         "is fastest as it runs and keeps measuring, so a busy machine does not slow it down)")
+    p.add_argument("--prefill-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="dtype of prefill's matrix products for quantized/16-bit weights (default: auto = "
+                        "bfloat16 on CPUs with bfloat16 hardware (AMX, AVX512_BF16), else float32)")
     p.add_argument("--kv-dtype", default="auto", choices=["auto", *KV_DTYPES],
                    help="KV cache dtype (default: auto = float16 for quantized CPU models, halving what "
                         "attention reads at long context; the model's dtype otherwise)")
@@ -92,7 +95,7 @@ def _load(ns):
         print("using the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",
               file=sys.stderr)
     llm = load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx, check=ns.check,
-               threads=ns.threads, kv_dtype=ns.kv_dtype)
+               threads=ns.threads, kv_dtype=ns.kv_dtype, prefill_dtype=ns.prefill_dtype)
     if getattr(ns, "verbose", False):
         print(f"runs as: {llm.describe()}", file=sys.stderr)
     return llm

@@ -83,7 +83,7 @@ def check_quantize(quantize) -> str | None:
 
 def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", fuse: bool = True,
          quiet: bool = False, max_context: int | None = None, check: bool = True, threads: int | None = None,
-         kv_dtype=None) -> Llama:
+         kv_dtype=None, prefill_dtype="auto") -> Llama:
     """Load a checkpoint (GGUF file, HF folder or Meta folder; None = the embedded SmolLM2-135M-Instruct).
 
     ``quantize``: "auto" runs a GGUF's blocks (and 16-bit matrices) as they are in the file, read in
@@ -97,14 +97,19 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
     ``threads`` caps the threads used (``set_threads``; default: all cores, the decode step measuring
     which count is fastest as it runs). ``kv_dtype`` ("float32", "float16", "bfloat16"; default "auto":
     float16 for models run from quantized blocks on the CPU, the model's dtype otherwise).
+    ``prefill_dtype``: the dtype prefill multiplies block weights in ("auto": ``choose_prefill_dtype``,
+    bfloat16 on CPUs with bfloat16 hardware, else float32).
     """
     from . import kernels
+    from .engine import choose_prefill_dtype
+    from .quantize import set_prefill_dtype
     from .tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights import checkpoint_bytes, default_model_path, detect_format, load_checkpoint, progress_bar
 
     device = resolve_device(device)
     dtype = parse_dtype(dtype) or default_dtype(device)
     engine_options = {"threads": set_threads(threads), "kv_dtype": parse_kv_dtype(kv_dtype)}
+    prefill = parse_dtype(prefill_dtype)
     quantize = None if quantize == "none" else quantize
     kind = check_quantize(quantize)
     if kind and device.type != "cpu":
@@ -116,6 +121,7 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
         ckpt = load_checkpoint(target, dtype, quiet, keep=keep, quantize=kind, check=check, progress=bar)
         bar.set_description_str("building the model")
         model = build_model(ckpt.args, ckpt.state, device=device, path=ckpt.path)
+        set_prefill_dtype(model, prefill or getattr(torch, choose_prefill_dtype(device).name))
         del ckpt.state
         bar.set_description_str("building the tokenizer")
         if ckpt.format == "gguf":

@@ -514,4 +514,14 @@ def describe(model) -> str:
     lib = f"C kernels ({kernels.isa()})" if kernels.library() is not None else \
         f"PyTorch fallback ({kernels.why_not()})"
     acts = "int8 activations" if any(k not in FLOAT_DTYPE for k in kinds) else "float32 activations"
-    return f"quantized {'/'.join(kinds)} weights, {acts}, {lib}"
+    prefill = {str(m.prefill_dtype).replace("torch.", "") for m in model.modules() if isinstance(m, QuantLinear)}
+    return f"quantized {'/'.join(kinds)} weights, {acts}, {lib}, prefill GEMMs in {'/'.join(sorted(prefill))}"
+
+
+def set_prefill_dtype(model, dtype: torch.dtype) -> None:
+    """The dtype every QuantLinear dequantizes its layer to for long inputs (``engine.choose_prefill_dtype``)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"prefill dtype must be float32, bfloat16 or float16, got {dtype}")
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            m.prefill_dtype = dtype

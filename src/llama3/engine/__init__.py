@@ -8,7 +8,7 @@
 from .cache import CacheFull, PagedKVCache, default_kv_dtype
 from .decoders import Decoder, TorchDecoder
 from .loop import Engine, Request, Step
-from .policy import Choice, choose_decoder, make_decoder
+from .policy import Choice, choose_decoder, choose_prefill_dtype, make_decoder
 
 __all__ = ["CacheFull", "PagedKVCache", "default_kv_dtype", "Decoder", "TorchDecoder", "Engine", "Request", "Step",
-           "Choice", "choose_decoder", "make_decoder"]
+           "Choice", "choose_decoder", "choose_prefill_dtype", "make_decoder"]
