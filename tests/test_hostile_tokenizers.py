@@ -277,9 +277,15 @@ def test_decode_refuses_what_is_not_a_token(meta_tok):
 
 
 def test_peak_memory_sees_an_allocation():
+    """Fresh pages (an anonymous map, each page touched): a malloc'd block could reuse pages that earlier
+    tests freed but the allocator kept resident, and then no peak would show."""
+    import mmap
+
     with peak_memory() as peak:
-        block = bytearray(64 << 20)
-        del block
+        block = mmap.mmap(-1, 64 << 20)
+        for i in range(0, 64 << 20, mmap.PAGESIZE):
+            block[i] = 1
+        block.close()
     assert peak["bytes"] >= 60 << 20
 
 
