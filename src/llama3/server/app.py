@@ -37,7 +37,8 @@ from ..embeddings import embed
 from ..processors import LogitBias
 from ..sampling import SamplingParams
 from ..structured import GrammarConstraint, GrammarError
-from ..tools import ToolCallParser, parse_tool_calls, render_tools_prompt, tool_call_constraint
+from ..tools import (ToolCallParser, check_tool_choice, check_tools, parse_tool_calls, render_tools_prompt,
+                     tool_call_constraint)
 from .scheduler import Job, Metrics, QueueFull, Scheduler
 
 log = logging.getLogger("llama3.server")
@@ -348,7 +349,7 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
             if ids is None:
                 _, ids = llm.chat_prompt(messages)
         except ValueError as e:
-            raise APIError(400, str(e), param="tools" if body.tools and "tool" in str(e) else "messages") from None
+            raise APIError(400, str(e), param="messages") from None
         top = body.top_logprobs if body.logprobs else None
         params = _params(body, body.max_completion_tokens or body.max_tokens, top or 0)
         extras = Extras(await asyncio.to_thread(_processors_for, body, llm), tools=_parses_tool_calls(body))
@@ -622,6 +623,15 @@ def _constraint_for(body: _Base, llm) -> GrammarConstraint | None:
 def _tools_prompt(llm, body: ChatRequest) -> list[int] | None:
     """The prompt's ids when the conversation involves tools (``tools`` given, or calls and results in
     its history), rendered by ``render_tools_prompt``; None otherwise (the plain chat prompt)."""
+    if body.tools is not None or body.tool_choice is not None:
+        try:
+            tools = check_tools(body.tools or [])
+        except ValueError as e:
+            raise APIError(400, str(e), param="tools") from None
+        try:
+            check_tool_choice(body.tool_choice, tools)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
     history = any(m.role in ("tool", "ipython") or (m.model_extra or {}).get("tool_calls") for m in body.messages)
     if not body.tools and not history:
         return None
