@@ -79,8 +79,8 @@ def test_tool_calls(client, choice):
 def test_tool_calls_streaming_equal_the_whole_reply(client):
     """The streamed deltas: the call's id, type and name first, then its arguments in several pieces that
     join to exactly the arguments the same request gets unstreamed (greedy)."""
-    kw = dict(model="default", messages=ASK, tools=[WEATHER, SONGS], tool_choice="required", max_tokens=100,
-              temperature=0)
+    kw = {"model": "default", "messages": ASK, "tools": [WEATHER, SONGS], "tool_choice": "required",
+          "max_tokens": 100, "temperature": 0}
     whole = client.chat.completions.create(**kw).choices[0].message.tool_calls[0]
     chunks = [c for c in client.chat.completions.create(**kw, stream=True) if c.choices]
     deltas = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]

@@ -288,11 +288,14 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
         if body.dimensions is not None and body.dimensions != llm.args.dim:
             raise APIError(400, f"dimensions: this model's embeddings have {llm.args.dim} dimensions, "
                                 f"got {body.dimensions}", param="dimensions")
-        inputs = _prompts(body.input)
+
+        def run():
+            ids = [llm.encode_prompt(t) for t in _prompts(body.input)]
+            return embed(llm, ids, body.pooling), [len(i) for i in ids]
+
         try:
-            counts = [len(llm.encode_prompt(t)) for t in inputs]
-            async with state.embed_lock:  # one batch at a time beside the engine's thread
-                vectors = await asyncio.to_thread(embed, llm, inputs, body.pooling)
+            async with state.embed_lock:  # one batch at a time beside the engine's thread, off the event loop
+                vectors, counts = await asyncio.to_thread(run)
         except ValueError as e:
             raise APIError(400, str(e), param="input") from None
         data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
@@ -379,8 +382,7 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
     # ---------------------------------------------------------------- generation
     def _params(body: _Base, max_tokens: int | None, top: int) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
-        knobs = {k: v if (v := getattr(body, k)) is not None else default
-                 for k, default in sampling_defaults(state.llm).items()}
+        knobs = sampling_knobs(body, state.llm)
         try:
             return SamplingParams(max_new_tokens=max_tokens or state.scheduler.ctx, **knobs, seed=body.seed,
                                   stop=stop, presence_penalty=body.presence_penalty,
@@ -562,6 +564,12 @@ def sampling_defaults(llm) -> dict[str, float]:
     model = getattr(llm, "sampling_defaults", None) or {}
     read = model.get if isinstance(model, Mapping) else lambda k: getattr(model, k, None)
     return {k: read(k) if read(k) is not None else getattr(project, k) for k in SAMPLING_KNOBS}
+
+
+def sampling_knobs(body: _Base, llm) -> dict[str, float]:
+    """The request's temperature, top_p, top_k, min_p and repetition_penalty, each it leaves out from
+    ``sampling_defaults(llm)``."""
+    return {k: v if (v := getattr(body, k)) is not None else default for k, default in sampling_defaults(llm).items()}
 
 
 def _processors_for(body: _Base, llm) -> Callable[[], tuple]:
