@@ -93,6 +93,27 @@ def test_tool_calls_streaming_equal_the_whole_reply(client):
     assert not any(c.choices[0].delta.content for c in chunks)
 
 
+def test_auto_parses_calls_the_model_writes(client):
+    """tool_choice "auto" leaves the reply free and parses whatever calls it holds. This small model seldom
+    calls on its own, so the regex extension makes it write one the way its prompt shows (a <tool_call>
+    block): the reply comes back as tool_calls, whole and streamed."""
+    regex = r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "(Paris|Lyon)", "unit": "celsius"\}\}' \
+            r"\n</tool_call>"
+    kw = {"model": "default", "messages": ASK, "tools": [WEATHER, SONGS], "max_tokens": 60, "temperature": 0,
+          "extra_body": {"regex": regex}}
+    c = client.chat.completions.create(**kw).choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    (call,) = c.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) in ({"city": "Paris", "unit": "celsius"},
+                                                   {"city": "Lyon", "unit": "celsius"})
+    chunks = [x for x in client.chat.completions.create(**kw, stream=True) if x.choices]
+    deltas = [tc for x in chunks for tc in (x.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "get_weather"
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 def test_tool_results_fed_back(client, llm):
     """An assistant message with tool_calls (content null) and a tool message are accepted; tool_choice
     "none" renders no tools, so a conversation without tool history equals plain chat."""
