@@ -239,6 +239,7 @@ def server_requests(data: bytes) -> None:
         DetokenizeRequest,
         TokenizeRequest,
         _prompts,
+        sampling_knobs,
     )
 
     for model in (ChatRequest, CompletionRequest, TokenizeRequest, DetokenizeRequest):
@@ -254,11 +255,9 @@ def server_requests(data: bytes) -> None:
         if isinstance(body, (ChatRequest, CompletionRequest)):
             stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
             try:
-                params = SamplingParams(max_new_tokens=body.max_tokens or 16, temperature=body.temperature,
-                                        top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
-                                        stop=stop, presence_penalty=body.presence_penalty,
-                                        frequency_penalty=body.frequency_penalty,
-                                        repetition_penalty=body.repetition_penalty)
+                params = SamplingParams(max_new_tokens=body.max_tokens or 16, **sampling_knobs(body, None),
+                                        seed=body.seed, stop=stop, presence_penalty=body.presence_penalty,
+                                        frequency_penalty=body.frequency_penalty)
             except ValueError:  # the handler answers 400 for these
                 continue
             if params.seed is not None:

@@ -1,18 +1,31 @@
 """The OpenAI-compatible HTTP API on FastAPI: request models at the edge, errors in OpenAI's shape.
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (streaming or not), GET /v1/models,
-GET /health, GET /metrics, POST /tokenize, POST /detokenize.
+GET /v1/models/{id}, POST /v1/embeddings, GET /health, GET /metrics, POST /tokenize, POST /detokenize,
+GET /tokenizer_info (what lm-evaluation-harness's remote tokenizer reads, as vLLM's).
+
+Beyond plain generation (see "issue 14" below): ``tools`` / ``tool_choice`` on chat (Llama 3.1+'s
+JSON calls or the model template's), ``response_format`` (``json_object``, ``json_schema``) and the
+extensions ``grammar`` (GBNF or Lark) and ``regex`` by constrained decoding, ``logit_bias``,
+``echo`` with prompt logprobs (``max_tokens=0`` scores the prompt only) and ``text_offset``.
+
+Sampling fields a request leaves out take the model's defaults (``llm.sampling_defaults``: its
+``generation_config.json`` or GGUF ``general.sampling.*``), else the project's (llama.cpp's:
+temperature 0.8, top_k 40, top_p 0.95, min_p 0.05), not OpenAI's temperature 1 and top_p 1, under
+which small models ramble. ``sampling_defaults`` below is the one place that decides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import threading
 import time
 import uuid
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,11 +33,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..embeddings import embed
+from ..processors import LogitBias
 from ..sampling import SamplingParams
+from ..structured import GrammarConstraint, GrammarError
+from ..tools import (ToolCallParser, check_tool_choice, check_tools, parse_tool_calls, render_tools_prompt,
+                     tool_call_constraint)
 from .scheduler import Job, Metrics, QueueFull, Scheduler
 
 log = logging.getLogger("llama3.server")
 MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
 
 
 # ------------------------------------------------------------------------------ errors
@@ -49,20 +68,26 @@ class _Base(BaseModel):
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    # left out (None): sampling_defaults(llm)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=16)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
     ignore_eos: bool = False
     user: str | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
+    # issue 14: constraints on what may be sampled (``_processors_for``)
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
+    response_format: dict[str, Any] | None = None  # {"type": "text" | "json_object" | "json_schema", ...}
+    grammar: str | None = None  # extension: output in a GBNF or Lark grammar (llama.cpp's "grammar")
+    regex: str | None = None  # extension: output matching a regex (vLLM's "guided_regex")
 
 
 class ChatMessage(BaseModel):
@@ -81,10 +106,14 @@ class ChatRequest(_Base):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools
+    tool_choice: str | dict[str, Any] | None = None  # "none" | "auto" | "required" | {"type": "function", ...}
+    parallel_tool_calls: bool | None = None  # accepted; Llama 3's format writes one call per reply
 
 
 class CompletionRequest(_Base):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo: score the prompt, generate nothing
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
@@ -101,11 +130,28 @@ class TokenizeRequest(BaseModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special: bool = False
+    add_special_tokens: bool | None = None  # vLLM's name for add_special (lm-evaluation-harness sends it)
 
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     tokens: list[int]
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)  # only the model's own width is offered
+    pooling: Literal["mean", "last"] = "mean"  # extension: how the final hidden states become one vector
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _nonempty(self):
+        if isinstance(self.input, list) and (not self.input or len(self.input) > MAX_EMBEDDING_INPUTS):
+            raise ValueError(f"input must hold 1 to {MAX_EMBEDDING_INPUTS} texts")
+        return self
 
 
 # ------------------------------------------------------------------------------ the app
@@ -116,6 +162,7 @@ class State:
         self.model_id = ""
         self.error: str | None = None
         self.metrics = Metrics()
+        self.embed_lock = asyncio.Lock()
 
 
 def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
@@ -224,6 +271,50 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
         return {"object": "list", "data": [{"id": state.model_id, "object": "model", "created": 0,
                                             "owned_by": "llama3"}]}
 
+    # ---------------------------------------------------------------- issue 14: models/{id}, embeddings, tokenizer
+    @app.get("/v1/models/{model_id:path}")
+    def model(model_id: str):
+        ready()
+        check_model(model_id)
+        return {"id": state.model_id, "object": "model", "created": 0, "owned_by": "llama3"}
+
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest):
+        """One vector per input from the final hidden states (after the last RMSNorm): the mean over the
+        input's tokens (``pooling="mean"``, the default) or the last token's (``"last"``), scaled to unit
+        length. A decoder is no trained embedding model: similarity search works only roughly with these."""
+        llm = ready()
+        check_model(body.model)
+        if body.dimensions is not None and body.dimensions != llm.args.dim:
+            raise APIError(400, f"dimensions: this model's embeddings have {llm.args.dim} dimensions, "
+                                f"got {body.dimensions}", param="dimensions")
+
+        def run():
+            ids = [llm.encode_prompt(t) for t in _prompts(body.input)]
+            return embed(llm, ids, body.pooling), [len(i) for i in ids]
+
+        try:
+            async with state.embed_lock:  # one batch at a time beside the engine's thread, off the event loop
+                vectors, counts = await asyncio.to_thread(run)
+        except ValueError as e:
+            raise APIError(400, str(e), param="input") from None
+        data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, body.encoding_format)}
+                for i, v in enumerate(vectors)]
+        return {"object": "list", "data": data, "model": state.model_id,
+                "usage": {"prompt_tokens": sum(counts), "total_tokens": sum(counts)}}
+
+    @app.get("/tokenizer_info")
+    def tokenizer_info():
+        """What clients that tokenize through the server read (vLLM's endpoint; lm-evaluation-harness's
+        remote tokenizer): the special tokens by name and the chat template."""
+        llm = ready()
+        tok = llm.tokenizer
+        name = {i: n for n, i in tok.special_tokens.items()}
+        eos = tok.eos_id if tok.eos_id is not None else min(tok.stop_ids, default=None)
+        return {"eos_token": name.get(eos), "bos_token": name.get(tok.bos_id), "pad_token": None,
+                "add_bos_token": tok.add_bos, "vocab_size": tok.vocab_size, "model_max_length": state.scheduler.ctx,
+                "chat_template": getattr(llm.chat_format, "template_text", None)}
+
     @app.post("/tokenize")
     def tokenize(body: TokenizeRequest):
         llm = ready()
@@ -233,7 +324,8 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
             text = body.content if body.content is not None else body.prompt
             if text is None:
                 raise APIError(400, "give 'content' (or 'prompt' or 'messages')", param="content")
-            ids = llm.encode_prompt(text) if body.add_special else llm.tokenizer.encode(text)
+            special = body.add_special if body.add_special_tokens is None else body.add_special_tokens
+            ids = llm.encode_prompt(text) if special else llm.tokenizer.encode(text)
         return {"tokens": ids, "count": len(ids), "max_model_len": state.scheduler.ctx}
 
     @app.post("/detokenize")
@@ -243,7 +335,8 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
         if bad:
             raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {llm.tokenizer.vocab_size})",
                            param="tokens")
-        return {"content": llm.tokenizer.decode(body.tokens)}
+        text = llm.tokenizer.decode(body.tokens)
+        return {"content": text, "prompt": text}  # "prompt": vLLM's name (lm-evaluation-harness reads it)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatRequest, request: Request):
@@ -255,12 +348,15 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
         try:
-            _, ids = llm.chat_prompt(messages)
+            ids = _tools_prompt(llm, body)
+            if ids is None:
+                _, ids = llm.chat_prompt(messages)
         except ValueError as e:
             raise APIError(400, str(e), param="messages") from None
         top = body.top_logprobs if body.logprobs else None
         params = _params(body, body.max_completion_tokens or body.max_tokens, top or 0)
-        return await _serve(request, "chat.completion", [ids], params, body, logprobs=body.logprobs)
+        extras = Extras(await asyncio.to_thread(_processors_for, body, llm), tools=_parses_tool_calls(body))
+        return await _serve(request, "chat.completion", [ids], params, body, logprobs=body.logprobs, extras=extras)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
@@ -274,25 +370,30 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                 ids.append(llm.encode_prompt(p))
             except ValueError as e:
                 raise APIError(400, str(e), param="prompt") from None
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens must be >= 1 (0 only with echo, to score the prompt)", param="max_tokens")
         params = _params(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs or 0)
+        scored = body.logprobs if body.echo and body.logprobs is not None else None
+        extras = Extras(await asyncio.to_thread(_processors_for, body, llm), prompt_logprobs=scored,
+                        generate=body.max_tokens != 0)
         return await _serve(request, "text_completion", ids, params, body, logprobs=body.logprobs is not None,
-                            echo_prompts=prompts if body.echo else None)
+                            echo_prompts=prompts if body.echo else None, extras=extras)
 
     # ---------------------------------------------------------------- generation
     def _params(body: _Base, max_tokens: int | None, top: int) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
+        knobs = sampling_knobs(body, state.llm)
         try:
-            return SamplingParams(max_new_tokens=max_tokens or state.scheduler.ctx, temperature=body.temperature,
-                                  top_p=body.top_p, top_k=body.top_k, min_p=body.min_p, seed=body.seed,
+            return SamplingParams(max_new_tokens=max_tokens or state.scheduler.ctx, **knobs, seed=body.seed,
                                   stop=stop, presence_penalty=body.presence_penalty,
-                                  frequency_penalty=body.frequency_penalty,
-                                  repetition_penalty=body.repetition_penalty, logprobs=top)
+                                  frequency_penalty=body.frequency_penalty, logprobs=top)
         except ValueError as e:
             param = str(e).split(" ", 1)[0]
             raise APIError(400, str(e), param={"max_new_tokens": "max_tokens"}.get(param, param)) from None
 
     async def _serve(request: Request, kind: str, prompts: list[list[int]], params: SamplingParams, body: _Base,
-                     logprobs: bool, echo_prompts=None):
+                     logprobs: bool, echo_prompts=None, extras: Extras | None = None):
+        extras = extras or Extras()
         sched = state.scheduler
         for p in prompts:
             if not p:
@@ -310,7 +411,8 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                 job_params = SamplingParams(**{**params.__dict__, "seed": seed,
                                                "max_new_tokens": min(params.max_new_tokens, sched.ctx - len(p))})
                 job = Job(p, job_params, lambda item, q=q: loop.call_soon_threadsafe(q.put_nowait, item),
-                          ignore_eos=body.ignore_eos)
+                          ignore_eos=body.ignore_eos, processors=extras.new_processors(),
+                          prompt_logprobs=extras.prompt_logprobs, generate=extras.generate)
                 jobs.append((len(jobs), p, job, q))
         try:
             for _, _, job, _ in jobs:
@@ -324,7 +426,8 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
         created = int(time.time())
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
-            return StreamingResponse(_stream(request, kind, rid, created, jobs, logprobs, include_usage, body.n),
+            return StreamingResponse(_stream(request, kind, rid, created, jobs, logprobs, include_usage, body.n,
+                                             extras, echo_prompts is not None),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
             results = await asyncio.gather(*[_collect(q) for *_, q in jobs])
@@ -333,15 +436,19 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                 job.cancelled.set()
             raise
         choices, completion_tokens = [], 0
-        for (index, p, _, _), (steps, error) in zip(jobs, results):
+        for (index, p, job, _), (steps, error) in zip(jobs, results):
             if error is not None:
                 raise APIError(500, f"generation failed: {error}", "server_error")
+            reason = steps[-1].finish_reason if steps else "length"
+            steps = [s for s in steps if s.token_id >= 0]  # a score-only request ends with a Step holding no token
             completion_tokens += len(steps)
             text = "".join(s.text for s in steps)
             if echo_prompts is not None:
                 text = state.llm.tokenizer.decode(p) + text
-            reason = steps[-1].finish_reason if steps else "length"
-            choices.append(_choice(kind, index, text, reason, steps if logprobs else None))
+            choice = _choice(kind, index, text, reason, steps if logprobs else None)
+            if echo_prompts is not None and logprobs:
+                choice["logprobs"] = completion_logprobs(state.llm.tokenizer, steps, p, job.request.prompt_scores)
+            choices.append(_with_tool_calls(choice) if extras.tools else choice)
         return {"id": rid, "object": kind, "created": created, "model": state.model_id, "choices": choices,
                 "usage": _usage(prompts, jobs, completion_tokens, body.n)}
 
@@ -355,8 +462,11 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                 return steps, item
             steps.append(item)
 
-    async def _stream(request, kind, rid, created, jobs, logprobs, include_usage, n):
+    async def _stream(request, kind, rid, created, jobs, logprobs, include_usage, n, extras: Extras, echo: bool):
         obj = "chat.completion.chunk" if kind == "chat.completion" else "text_completion"
+        shapers = [ChoiceStream(index, lambda step, index=index: _chunk(kind, index, step, logprobs),
+                                state.llm.tokenizer, tools=extras.tools, logprobs=logprobs,
+                                echo=(p, job.request) if echo else None) for index, p, job, _ in jobs]
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(index, q):
@@ -387,10 +497,10 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                     if isinstance(item, Exception):
                         yield _sse(error_body(f"generation failed: {item}", "server_error"))
                     continue
-                counts[index] += 1
-                chunk = _chunk(kind, index, item, logprobs)
-                yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_id,
-                            "choices": [chunk]})
+                counts[index] += item.token_id >= 0  # a score-only request's last Step holds no token
+                for chunk in shapers[index].chunks(item):
+                    yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_id,
+                                "choices": [chunk]})
             if include_usage:
                 prompts = [p for i, (_, p, _, _) in enumerate(jobs) if i % n == 0]
                 yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_id, "choices": [],
@@ -424,11 +534,208 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                                  "top_logprobs": [{"token": dec([t]), "logprob": v,
                                                    "bytes": list(state.llm.tokenizer.token_bytes(t))}
                                                   for t, v in s.top_logprobs.items()]} for s in steps]}
-        return {"tokens": [dec([s.token_id]) for s in steps], "token_logprobs": [s.logprob for s in steps],
-                "top_logprobs": [{dec([t]): v for t, v in s.top_logprobs.items()} for s in steps],
-                "text_offset": []}
+        return completion_logprobs(state.llm.tokenizer, steps)
 
     return app
+
+
+# ------------------------------------------------------------------------------ issue 14: what real clients send
+@dataclass
+class Extras:
+    """What a request asks beyond plain sampling. ``new_processors()`` gives each sequence its own
+    logits processors (a grammar follows one sequence); ``tools``: parse the chat reply into
+    ``tool_calls``; ``prompt_logprobs`` / ``generate``: score the prompt (echo), or only that."""
+
+    new_processors: Callable[[], tuple] = tuple
+    tools: bool = False
+    prompt_logprobs: int | None = None
+    generate: bool = True
+
+
+SAMPLING_KNOBS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(llm) -> dict[str, float]:
+    """What a request that leaves a sampling field out gets: the model's own defaults
+    (``llm.sampling_defaults``, a mapping or an object with these attributes: its
+    ``generation_config.json`` or GGUF ``general.sampling.*``) where it has them, else the
+    project's (``SamplingParams``'s, llama.cpp's)."""
+    project = SamplingParams()
+    model = getattr(llm, "sampling_defaults", None) or {}
+    read = model.get if isinstance(model, Mapping) else lambda k: getattr(model, k, None)
+    return {k: read(k) if read(k) is not None else getattr(project, k) for k in SAMPLING_KNOBS}
+
+
+def sampling_knobs(body: _Base, llm) -> dict[str, float]:
+    """The request's temperature, top_p, top_k, min_p and repetition_penalty, each it leaves out from
+    ``sampling_defaults(llm)``."""
+    return {k: v if (v := getattr(body, k)) is not None else default for k, default in sampling_defaults(llm).items()}
+
+
+def _processors_for(body: _Base, llm) -> Callable[[], tuple]:
+    """The logits processors a request asks for, as a factory of one tuple per sequence:
+    ``logit_bias`` first, then at most one grammar (``response_format``, ``grammar``, ``regex``, or
+    the call a ``tool_choice`` of "required" or a named function demands), so no bias can bring
+    back a token the grammar forbids. A bad bias, schema, regex or grammar is a 400 naming the field.
+    Compiling a grammar takes ~1 ms (the tokenizer's set-up, once, longer): call it off the event loop."""
+    bias = None
+    if body.logit_bias:
+        try:
+            bias = LogitBias(body.logit_bias, llm.tokenizer.vocab_size)
+        except ValueError as e:
+            raise APIError(400, str(e), param="logit_bias") from None
+    constraint = _constraint_for(body, llm)
+
+    def new() -> tuple:
+        return tuple(p for p in (bias, constraint.copy() if constraint else None) if p is not None)
+    return new
+
+
+def _constraint_for(body: _Base, llm) -> GrammarConstraint | None:
+    fmt = body.response_format or {}
+    if not isinstance(fmt.get("type", "text"), str):
+        raise APIError(400, "response_format.type must be a string", param="response_format")
+    kind = fmt.get("type", "text")
+    asked = [name for name, given in (("response_format", kind != "text"), ("grammar", body.grammar is not None),
+                                      ("regex", body.regex is not None),
+                                      ("tool_choice", isinstance(body, ChatRequest) and body.tools and
+                                       body.tool_choice not in (None, "auto", "none"))) if given]
+    if len(asked) > 1:
+        raise APIError(400, f"give one of {', '.join(asked)}: each constrains the whole output", param=asked[1])
+    tok, param = llm.tokenizer, asked[0] if asked else None
+    try:
+        if param == "response_format":
+            if kind == "json_object":
+                return GrammarConstraint.json_object(tok)
+            if kind != "json_schema":
+                raise APIError(400, f"response_format.type must be text, json_object or json_schema, got {kind!r}",
+                               param="response_format")
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, Mapping) or "schema" not in spec:
+                raise APIError(400, 'response_format json_schema needs "json_schema": {"name": ..., "schema": {...}}',
+                               param="response_format.json_schema")
+            return GrammarConstraint.json_schema(tok, spec["schema"], strict=spec.get("strict") is True)
+        if param == "grammar":
+            return GrammarConstraint.grammar(tok, body.grammar)
+        if param == "regex":
+            return GrammarConstraint.regex(tok, body.regex)
+        if param == "tool_choice":
+            return tool_call_constraint(tok, llm.chat_format, body.tools, body.tool_choice)
+    except GrammarError as e:
+        raise APIError(400, f"{param}: {e}", param=param, code="invalid_" + e.kind) from None
+    except ValueError as e:  # a bad tools or tool_choice value
+        raise APIError(400, str(e), param=param) from None
+    return None
+
+
+def _tools_prompt(llm, body: ChatRequest) -> list[int] | None:
+    """The prompt's ids when the conversation involves tools (``tools`` given, or calls and results in
+    its history), rendered by ``render_tools_prompt``; None otherwise (the plain chat prompt)."""
+    if body.tools is not None or body.tool_choice is not None:
+        try:
+            tools = check_tools(body.tools or [])
+        except ValueError as e:
+            raise APIError(400, str(e), param="tools") from None
+        try:
+            check_tool_choice(body.tool_choice, tools)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
+    history = any(m.role in ("tool", "ipython") or (m.model_extra or {}).get("tool_calls") for m in body.messages)
+    if not body.tools and not history:
+        return None
+    messages = [{**m.model_dump(), "role": "system" if m.role == "developer" else m.role} for m in body.messages]
+    _, ids = render_tools_prompt(llm.chat_format, messages, body.tools or [], body.tool_choice)
+    return ids
+
+
+def _parses_tool_calls(body: ChatRequest) -> bool:
+    return bool(body.tools) and body.tool_choice != "none"
+
+
+def _with_tool_calls(choice: dict) -> dict:
+    """A chat choice whose reply holds tool calls, in OpenAI's shape: ``message.tool_calls``, content
+    None (or the text around the calls), finish_reason "tool_calls"."""
+    content, calls = parse_tool_calls(choice["message"]["content"])
+    if not calls:
+        return choice
+    message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
+    reason = "tool_calls" if choice["finish_reason"] == "stop" else choice["finish_reason"]
+    return {**choice, "message": message, "finish_reason": reason}
+
+
+def completion_logprobs(tokenizer, steps, prompt: list[int] | None = None,
+                        scores: list[tuple[float, dict[int, float]]] | None = None, start: int = 0) -> dict:
+    """OpenAI's legacy ``logprobs`` block for /v1/completions. With ``prompt`` (echo) its tokens come
+    first with their ``scores`` (``Request.prompt_scores``); the first has none (nothing predicts it:
+    null, as OpenAI). ``text_offset[i]``: where token i's text begins in the choice's text (plus
+    ``start``, the text already streamed); a token whose bytes end inside a character, or whose text
+    a stop string cut, begins where the next text does."""
+    dec = tokenizer.decode
+    tokens, lps, tops, offsets = [], [], [], []
+    at = start
+    if prompt is not None:
+        detok = tokenizer.detokenizer()
+        for i, t in enumerate(prompt):
+            lp, top = (None, None) if i == 0 else (scores[i - 1][0], {dec([k]): v for k, v in scores[i - 1][1].items()})
+            tokens.append(dec([t])), lps.append(lp), tops.append(top), offsets.append(at)
+            at += len(detok.add(t))
+        at += len(detok.finish())
+    for s in steps:  # each Step's text is what its token completed (held-back text comes with a later one)
+        tokens.append(dec([s.token_id])), lps.append(s.logprob), offsets.append(at)
+        tops.append({dec([t]): v for t, v in s.top_logprobs.items()})
+        at += len(s.text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+class ChoiceStream:
+    """One streamed choice's chunks where the request asks for more than plain text: the echoed
+    prompt first (completions, with its logprobs), ``text_offset`` running on across chunks, and
+    for tools the reply as tool-call deltas (``ToolCallParser``: the call's id and name, then its
+    arguments in pieces) and finish_reason "tool_calls". ``plain(step)`` makes the ordinary chunk."""
+
+    def __init__(self, index: int, plain: Callable, tokenizer, *, tools: bool = False, logprobs: bool = False,
+                 echo: tuple | None = None):
+        self.index, self.plain, self.tokenizer, self.logprobs = index, plain, tokenizer, logprobs
+        self.parser = ToolCallParser() if tools else None
+        self.echo = echo  # (prompt ids, engine Request): sent before the first token
+        self.offset = 0  # characters of text streamed so far (completions)
+
+    def chunks(self, step) -> list[dict]:
+        out = []
+        if self.echo is not None:
+            prompt, req = self.echo
+            self.echo = None
+            text = self.tokenizer.decode(prompt)
+            lp = completion_logprobs(self.tokenizer, [], prompt, req.prompt_scores) if self.logprobs else None
+            out.append({"index": self.index, "text": text, "logprobs": lp, "finish_reason": None})
+            self.offset = len(text)
+        if step.token_id < 0:  # score only: nothing was generated
+            lp = completion_logprobs(self.tokenizer, [], start=self.offset) if self.logprobs else None
+            return out + [{"index": self.index, "text": "", "logprobs": lp, "finish_reason": step.finish_reason}]
+        chunk = self.plain(step)
+        if "text" in chunk and self.logprobs:
+            chunk["logprobs"] = completion_logprobs(self.tokenizer, [step], start=self.offset)
+            self.offset += len(step.text)
+        return out + (self._tool_chunks(chunk, step) if self.parser else [chunk])
+
+    def _tool_chunks(self, chunk: dict, step) -> list[dict]:
+        deltas = self.parser.feed(step.text) + (self.parser.finish() if step.finish_reason else [])
+        out = [{"index": self.index, "delta": d, "logprobs": None, "finish_reason": None} for d in deltas]
+        if chunk["logprobs"] is not None:  # this token's logprobs ride on its first delta (or an empty one)
+            if not out:
+                out.append({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": None})
+            out[0]["logprobs"] = chunk["logprobs"]
+        if step.finish_reason:
+            reason = "tool_calls" if self.parser.calls and step.finish_reason == "stop" else step.finish_reason
+            out.append({"index": self.index, "delta": {}, "logprobs": None, "finish_reason": reason})
+        return out
+
+
+def _encode_vector(v, encoding_format: str):
+    """A vector as OpenAI sends it: a list of floats, or base64 of its little-endian float32 bytes."""
+    if encoding_format == "base64":
+        return base64.b64encode(v.numpy().astype("<f4").tobytes()).decode("ascii")
+    return v.tolist()
 
 
 def _prompts(prompt) -> list:
@@ -454,7 +761,7 @@ def _sse(obj) -> str:
 
 def _counted(state: State, path: str, response):
     endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-                                "/tokenize", "/detokenize") else "other"
+                                "/tokenize", "/detokenize", "/v1/embeddings") else "other"
     state.metrics.count_request(endpoint, response.status_code)
     return response
 

@@ -32,7 +32,9 @@ class Job:
     params: SamplingParams
     emit: Callable[[object], None]  # receives Step records, then None at the end (or an Exception)
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
-    processors: tuple = ()
+    processors: tuple = ()  # logits processors for this sequence (logit_bias, a grammar), in order
+    prompt_logprobs: int | None = None  # score the prompt too (echo with logprobs): Request.prompt_scores
+    generate: bool = True  # False: score the prompt only (echo with max_tokens=0)
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -122,7 +124,8 @@ class Scheduler:
         if self.engine.waiting >= self.max_queue:
             raise QueueFull()
         stop_ids = set() if job.ignore_eos else None
-        job.request = Request(job.prompt, job.params, stop_ids, job.processors)
+        job.request = Request(job.prompt, job.params, stop_ids, job.processors,
+                              prompt_logprobs=job.prompt_logprobs, generate=job.generate)
         with self._lock:
             self.jobs[self.engine.add(job.request)] = job
         self.metrics.queue_depth = self.engine.waiting
@@ -173,7 +176,7 @@ class Scheduler:
             self.metrics.cached_tokens += job.request.cached_tokens
         else:
             self.metrics.observe("llama3_time_per_output_token_seconds", elapsed)
-        self.metrics.completion_tokens += 1
+        self.metrics.completion_tokens += step.token_id >= 0  # a score-only request's last Step holds no token
         job.emit(step)
         if step.finish_reason is not None:
             self._finish(step.request_id)
