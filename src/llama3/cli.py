@@ -340,7 +340,7 @@ def cmd_serve(ns) -> int:
               file=sys.stderr)
     serve(ns.model, host=ns.host, port=ns.port, api_key=ns.api_key, max_batch=ns.max_batch, max_queue=ns.max_queue,
           ctx=ns.ctx, cors_origins=ns.cors_origin or None, device=ns.device, dtype=ns.dtype, quantize=ns.quantize,
-          check=ns.check)
+          check=ns.check, threads=ns.threads, kv_dtype=ns.kv_dtype, prefill_dtype=ns.prefill_dtype)
     return 0
 
 
