@@ -18,7 +18,7 @@ generation_config.json, a GGUF file's general.sampling.* keys), else llama.cpp's
 top-k 40, top-p 0.95, min-p 0.05, repeat penalty 1 (off). `-v` shows which apply."""
 
 ESCAPES_NOTE = r"""escapes: in the prompt argument, --system and --stop, backslash escapes are read as printf and
-`echo -e` read them: \n newline, \t tab, \r, \\ backslash, \" \' quotes, \a \b \e \f \v,
+`echo -e` read them: \n newline, \t tab, \r, \\ backslash, \a \b \e \f \v,
 \0NNN octal, \xHH, \uHHHH, \UHHHHHHHH; any other backslash stays as typed. --raw turns this off.
 A prompt read from standard input is taken as it is."""
 
@@ -96,9 +96,8 @@ def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
 
 
 # printf / `echo -e` escapes: \n \t \\ \xHH \uHHHH \UHHHHHHHH \0NNN and the one-letter controls.
-_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{1,2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|0[0-7]{0,3}|[\\abefnrtv\"'])")
-_SIMPLE = {"\\": "\\", "a": "\a", "b": "\b", "e": "\x1b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v",
-           '"': '"', "'": "'"}
+_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{1,2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|0[0-7]{0,3}|[\\abefnrtv])")
+_SIMPLE = {"\\": "\\", "a": "\a", "b": "\b", "e": "\x1b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
 
 
 def unescape(text: str) -> str:
