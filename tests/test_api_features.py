@@ -154,6 +154,22 @@ def test_chat_tool_choice_gives_parseable_calls(choice, smollm2_fast):
         jsonschema.validate(json.loads(call["function"]["arguments"]), TOOLS[name]["function"]["parameters"])
 
 
+def test_stream_chat_with_tools_streams_the_same_call(smollm2_fast):
+    from llama3.tools import ToolCallParser
+
+    llm = smollm2_fast
+    messages = [{"role": "user", "content": "Top 3 songs?"}]
+    whole = llm.chat(messages, tools=[WEATHER, SONGS], tool_choice="required", temperature=0, max_new_tokens=60)
+    parser, deltas = ToolCallParser(), []
+    for step in llm.stream_chat(messages, tools=[WEATHER, SONGS], tool_choice="required", temperature=0,
+                                max_new_tokens=60):
+        deltas += parser.feed(step.text)
+    deltas += parser.finish()
+    assert [c.to_openai()["function"] for c in parser.calls] == [c["function"] for c in whole.tool_calls]
+    assert "".join(d["tool_calls"][0]["function"]["arguments"] for d in deltas if "tool_calls" in d) == \
+        whole.tool_calls[0]["function"]["arguments"]
+
+
 def test_tool_results_fed_back_and_none(smollm2_fast):
     llm = smollm2_fast
     messages = [{"role": "user", "content": "What's the weather in Paris?"}]
