@@ -176,7 +176,7 @@ class Llama:
         return self.chat_format.render(messages, add_generation_prompt=True)
 
     # ------------------------------------------------------------------------ generation
-    def options(self, options: dict, tools: Sequence[dict] | None = None,
+    def split_options(self, options: dict, tools: Sequence[dict] | None = None,
                 tool_choice: str | dict | None = None) -> tuple[SamplingParams, Callable[[], list]]:
         """Split a call's keyword arguments into SamplingParams (omitted knobs from ``sampling_defaults``)
         and a function making each sequence's logits processors (``structured.processors_for``)."""
@@ -195,12 +195,12 @@ class Llama:
     def stream(self, prompt: str | Sequence[int], **options) -> Iterator[Step]:
         """Yield Steps for one prompt as they are made."""
         ids = self.encode_prompt(prompt)
-        params, make = self.options(options)
+        params, make = self.split_options(options)
         yield from self.generator.run([ids], params, processors=make)
 
     def generate(self, prompt, **options) -> GenerationResult | list[GenerationResult]:
         """Generate for a prompt (str or ids) or a list of prompts (batched; results in order)."""
-        params, make = self.options(options)
+        params, make = self.split_options(options)
         if isinstance(prompt, (list, tuple)) and prompt and not all(isinstance(t, int) for t in prompt):
             return self._generate_ids([self.encode_prompt(p) for p in prompt], params, make)
         return self._generate_ids([self.encode_prompt(prompt)], params, make)[0]
@@ -213,7 +213,7 @@ class Llama:
         last two guaranteed by constrained decoding). Feed calls back as an assistant message with
         ``tool_calls`` and the results as ``{"role": "tool", "content": ...}`` messages."""
         ids, parse = self._chat_ids(messages, tools, tool_choice)
-        params, make = self.options(options, tools, tool_choice)
+        params, make = self.split_options(options, tools, tool_choice)
         result = self._generate_ids([ids], params, make)[0]
         if parse:
             from .tools import parse_tool_calls
@@ -229,7 +229,7 @@ class Llama:
         """Yield the reply's Steps as they are made. With ``tools``, feed ``step.text`` to a
         ``llama3.tools.ToolCallParser`` for OpenAI's streamed content and tool-call deltas."""
         ids, _ = self._chat_ids(messages, tools, tool_choice)
-        params, make = self.options(options, tools, tool_choice)
+        params, make = self.split_options(options, tools, tool_choice)
         yield from self.generator.run([ids], params, processors=make)
 
     def _chat_ids(self, messages: Sequence[dict], tools, tool_choice) -> tuple[list[int], bool]:
