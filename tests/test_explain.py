@@ -74,7 +74,7 @@ def test_explain_text_and_compare():
     assert f"runs as: {llama3.load(quiet=True).describe()}" in out.stdout  # the engine policy's own words
     assert "runs as: quantized Q4_1/Q8_0 weights" in out.stdout and "one C call per decode step" in out.stdout
     out = subprocess.run([sys.executable, "-m", "llama3.cli", "explain", "llama-9"], capture_output=True, text=True)
-    assert out.returncode == 2 and "no such file or directory" in out.stderr
+    assert out.returncode == 2 and "neither a checkpoint path nor a preset" in out.stderr and "llama-3.2-1b" in out.stderr
 
 
 @pytest.fixture(scope="module")

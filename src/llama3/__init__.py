@@ -1,13 +1,28 @@
-"""llama3: Meta's Llama 3 in readable PyTorch."""
+"""llama3: Meta's Llama 3 in readable PyTorch.
 
-from .config import ModelArgs
-from .generation import GenerationResult, Generator, Llama, Step
-from .loading import load
-from .model import KVCache, Transformer
-from .sampling import SamplingParams
-from .tokenizer import Tokenizer, load_tokenizer
-from .weights.common import CheckpointError
+The names below are imported on first use (PEP 562), so that ``import llama3.cli`` costs nothing and
+the command can answer Ctrl-C cleanly even while torch is still being imported.
+"""
 
-__all__ = ["ModelArgs", "Transformer", "KVCache", "CheckpointError", "load", "Llama", "Generator", "Step",
-           "GenerationResult", "SamplingParams", "Tokenizer", "load_tokenizer"]
+from importlib import import_module
+
+_EXPORTS = {
+    "ModelArgs": ".config", "Transformer": ".model", "KVCache": ".model", "CheckpointError": ".weights.common",
+    "load": ".loading", "Llama": ".generation", "Generator": ".generation", "Step": ".generation",
+    "GenerationResult": ".generation", "SamplingParams": ".sampling", "Tokenizer": ".tokenizer",
+    "load_tokenizer": ".tokenizer",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'llama3' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

@@ -1,30 +1,50 @@
-"""The ``llama3`` command: thin subcommands over the Python API."""
+"""The ``llama3`` command: thin subcommands over the Python API.
+
+Nothing heavy is imported at the top (torch comes with the first subcommand), so that Ctrl-C at any
+moment, even while torch loads, ends the command with one line and status 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 
-from .sampling import SamplingParams
+# The defaults of the sampling flags, shown in --help; the values themselves come from the model.
+SAMPLING_NOTE = """sampling defaults: what the model's checkpoint asks for (a Hugging Face folder's
+generation_config.json, a GGUF file's general.sampling.* keys), else llama.cpp's: temperature 0.8,
+top-k 40, top-p 0.95, min-p 0.05, repeat penalty 1 (off). `-v` shows which apply."""
 
-_DEFAULTS = SamplingParams()
+ESCAPES_NOTE = r"""escapes: in the prompt argument, --system and --stop, backslash escapes are read as printf and
+`echo -e` read them: \n newline, \t tab, \r, \\ backslash, \a \b \e \f \v,
+\0NNN octal, \xHH, \uHHHH, \UHHHHHHHH; any other backslash stays as typed. --raw turns this off.
+A prompt read from standard input is taken as it is."""
 
-EPILOG_GENERATE = """examples:
+EPILOG_GENERATE = r"""examples:
   llama3 generate "The capital of France is"
   llama3 generate --temperature 0 --max-tokens 50 "def fibonacci(n):"
   echo "Once upon a time" | llama3 generate --seed 1
-  llama3 generate --model ./Meta-Llama-3.1-8B-Instruct --stop "\\n\\n" "Q: Why is the sky blue?\\nA:"
-"""
-EPILOG_CHAT = """examples:
+  llama3 generate --model ./Meta-Llama-3.1-8B-Instruct --stop "\n\n" "Q: Why is the sky blue?\nA:"
+  llama3 generate --json-schema person.json "A person, as JSON:"
+  llama3 generate --regex "[0-9]{3}-[0-9]{4}" "Call me at"
+
+""" + ESCAPES_NOTE + "\n\n" + SAMPLING_NOTE + "\n"
+
+SLASH_COMMANDS = (("/help", "list these commands"), ("/reset", "clear the history"),
+                  ("/history", "show the conversation so far"),
+                  ("/system TEXT", "set the system prompt (and clear the history); /system alone removes it"),
+                  ("/exit, /quit", "leave (or Ctrl-D); Ctrl-C stops the current reply and keeps the session"))
+
+EPILOG_CHAT = r"""examples:
   llama3 chat
   llama3 chat --system "You answer in one sentence."
-  printf 'Hi!\\nWhat is 2+2?\\n' | llama3 chat --temperature 0
+  printf 'Hi!\nWhat is 2+2?\n' | llama3 chat --temperature 0
+  llama3 chat --json-schema answer.json
 
-in the session: /reset clears the history, /history shows it, /system TEXT sets the system prompt,
-/exit or Ctrl-D leaves, Ctrl-C stops the current reply and keeps the session.
-"""
+in the session:
+""" + "\n".join(f"  {c:<14}{h}" for c, h in SLASH_COMMANDS) + "\n\n" + ESCAPES_NOTE + "\n\n" + SAMPLING_NOTE + "\n"
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -61,31 +81,98 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    g = p.add_argument_group("sampling")
+    g = p.add_argument_group("sampling (defaults: the model's own, else llama.cpp's; see below)")
     g.add_argument("--max-tokens", "-n", type=int, default=max_tokens, metavar="N",
                    help=f"most new tokens to generate (default: {max_tokens})")
-    g.add_argument("--temperature", "-t", type=float, default=_DEFAULTS.temperature, metavar="T",
-                   help=f"0 = greedy; higher = more random (default: {_DEFAULTS.temperature})")
-    g.add_argument("--top-p", type=float, default=_DEFAULTS.top_p, metavar="P",
-                   help=f"nucleus sampling: keep the most likely tokens up to mass P (default: {_DEFAULTS.top_p})")
-    g.add_argument("--top-k", type=int, default=_DEFAULTS.top_k, metavar="K",
-                   help=f"keep the K most likely tokens, 0 = all (default: {_DEFAULTS.top_k})")
-    g.add_argument("--min-p", type=float, default=_DEFAULTS.min_p, metavar="P",
-                   help=f"drop tokens below P x the top probability (default: {_DEFAULTS.min_p})")
-    g.add_argument("--repeat-penalty", type=float, default=_DEFAULTS.repetition_penalty, metavar="R",
-                   help="divide the logits of tokens already seen by R (default: 1 = off)")
+    g.add_argument("--temperature", "-t", type=float, default=None, metavar="T",
+                   help="0 = greedy; higher = more random (default: the model's, else 0.8)")
+    g.add_argument("--top-p", type=float, default=None, metavar="P",
+                   help="nucleus sampling: keep the most likely tokens up to mass P (default: the model's, else 0.95)")
+    g.add_argument("--top-k", type=int, default=None, metavar="K",
+                   help="keep the K most likely tokens, 0 = all (default: the model's, else 40)")
+    g.add_argument("--min-p", type=float, default=None, metavar="P",
+                   help="drop tokens below P x the top probability (default: the model's, else 0.05)")
+    g.add_argument("--repeat-penalty", type=float, default=None, metavar="R",
+                   help="divide the logits of tokens already seen by R (default: the model's, else 1 = off)")
     g.add_argument("--presence-penalty", type=float, default=0.0, metavar="X", help="OpenAI presence penalty")
     g.add_argument("--frequency-penalty", type=float, default=0.0, metavar="X", help="OpenAI frequency penalty")
     g.add_argument("--seed", type=int, default=None, metavar="S", help="random seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], metavar="STR",
-                   help="stop when this text appears (repeatable; the stop text is not printed)")
+                   help="stop when this text appears (repeatable; the stop text is not printed; escapes as below)")
+    g.add_argument("--raw", action="store_true", help="take the prompt, --system and --stop as typed: no escapes")
+    o = p.add_argument_group("output constraints (constrained decoding: the output always matches; pick one)")
+    one = o.add_mutually_exclusive_group()
+    one.add_argument("--json-schema", metavar="FILE", help="a JSON schema file the output must validate against")
+    one.add_argument("--json-object", action="store_true", help="any JSON object")
+    one.add_argument("--regex", metavar="PATTERN", help="a regular expression the whole output must match")
+    one.add_argument("--grammar", metavar="FILE", help="a grammar file: llama.cpp's GBNF (root ::= ...) or Lark "
+                                                       "(start: ..., as llguidance reads it)")
+
+
+# printf / `echo -e` escapes: \n \t \\ \xHH \uHHHH \UHHHHHHHH \0NNN and the one-letter controls.
+_ESCAPE = re.compile(r"\\(x[0-9A-Fa-f]{1,2}|u[0-9A-Fa-f]{4}|U[0-9A-Fa-f]{8}|0[0-7]{0,3}|[\\abefnrtv])")
+_SIMPLE = {"\\": "\\", "a": "\a", "b": "\b", "e": "\x1b", "f": "\f", "n": "\n", "r": "\r", "t": "\t", "v": "\v"}
+
+
+def unescape(text: str) -> str:
+    """``text`` with backslash escapes read as printf reads them (an unknown escape stays as typed).
+    ``\\xHH`` is the character U+00HH (so "\\xe9" is "é", not a lone byte); ``\\uHHHH`` any code point."""
+    def one(m: re.Match) -> str:
+        e = m.group(1)
+        if e[0] in "xuU":
+            code = int(e[1:], 16)
+            if 0xD800 <= code <= 0xDFFF or code > 0x10FFFF:
+                raise ValueError(f"\\{e} is not a Unicode character")
+            return chr(code)
+        if e[0] == "0":
+            return chr(int(e, 8))
+        return _SIMPLE[e]
+    return _ESCAPE.sub(one, text)
+
+
+def _text(ns, value: str | None) -> str | None:
+    """A prompt, system prompt or stop string as given on the command line: escapes read unless --raw."""
+    return value if value is None or getattr(ns, "raw", False) else unescape(value)
 
 
 def _sampling(ns) -> dict:
-    return dict(max_new_tokens=ns.max_tokens, temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k,
-                min_p=ns.min_p, repetition_penalty=ns.repeat_penalty, presence_penalty=ns.presence_penalty,
-                frequency_penalty=ns.frequency_penalty, seed=ns.seed,
-                stop=[s.encode().decode("unicode_escape") for s in ns.stop])
+    """The sampling knobs the command line sets; those left out come from the model (llm.sampling_defaults)."""
+    from .sampling import FALLBACK_SAMPLING, SamplingParams
+
+    given = dict(temperature=ns.temperature, top_p=ns.top_p, top_k=ns.top_k, min_p=ns.min_p,
+                 repetition_penalty=ns.repeat_penalty)
+    out = {k: v for k, v in given.items() if v is not None}
+    out.update(max_new_tokens=ns.max_tokens, presence_penalty=ns.presence_penalty,
+               frequency_penalty=ns.frequency_penalty, seed=ns.seed, stop=[_text(ns, s) for s in ns.stop])
+    SamplingParams(**{**FALLBACK_SAMPLING, **out})  # check before the (slow) load
+    return out
+
+
+def _read(path: str, flag: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{flag} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{flag} {path}: cannot read it: {e}") from None
+
+
+def _constraint(ns) -> dict:
+    """The output constraint the flags ask for, as Llama's keyword arguments (checked when applied)."""
+    import json
+
+    if ns.json_schema:
+        text = _read(ns.json_schema, "--json-schema")
+        try:
+            return {"json_schema": json.loads(text)}
+        except ValueError as e:
+            raise ValueError(f"--json-schema {ns.json_schema}: not valid JSON: {e}") from None
+    if ns.grammar:
+        return {"grammar": _read(ns.grammar, "--grammar")}
+    if ns.regex is not None:
+        return {"regex": ns.regex}
+    return {"json_object": True} if ns.json_object else {}
 
 
 def _load(ns):
@@ -98,20 +185,20 @@ def _load(ns):
                threads=ns.threads, kv_dtype=ns.kv_dtype, prefill_dtype=ns.prefill_dtype)
     if getattr(ns, "verbose", False):
         print(f"runs as: {llm.describe()}", file=sys.stderr)
+        print(f"sampling defaults: {llm.sampling_defaults} (from {llm.sampling_defaults_source})", file=sys.stderr)
     return llm
 
 
 # ------------------------------------------------------------------------------ generate
 def cmd_generate(ns) -> int:
-    prompt = ns.prompt
+    prompt = _text(ns, ns.prompt)
     if prompt is None or prompt == "-":
         if sys.stdin.isatty():
             raise ValueError("give a prompt as an argument or on standard input")
         prompt = sys.stdin.read()
     if not prompt:
         raise ValueError("the prompt is empty")
-    sampling = _sampling(ns)
-    SamplingParams(**sampling)  # validate before the (slow) load
+    sampling = {**_sampling(ns), **_constraint(ns)}
     llm = _load(ns)
     t0 = time.perf_counter()
     first = None
@@ -134,9 +221,12 @@ def cmd_generate(ns) -> int:
 
 
 # ---------------------------------------------------------------------------------- chat
+def _slash_help() -> str:
+    return "\n".join(f"  {c:<14}{h}" for c, h in SLASH_COMMANDS)
+
+
 def cmd_chat(ns) -> int:
-    sampling = _sampling(ns)
-    SamplingParams(**sampling)
+    sampling = {**_sampling(ns), **_constraint(ns)}
     llm = _load(ns)
     if llm.chat_format is None:
         raise ValueError(f"{llm.path}: this model has no chat template; use `llama3 generate`")
@@ -146,9 +236,9 @@ def cmd_chat(ns) -> int:
             import readline  # noqa: F401 - line editing and history for input()
         except ImportError:
             pass
-        print("chatting with " + llm.path.rsplit("/", 1)[-1] + " - /reset, /system TEXT, /exit; "
+        print("chatting with " + llm.path.rsplit("/", 1)[-1] + " - /help lists the commands; "
               "Ctrl-C stops a reply, Ctrl-D leaves", file=sys.stderr)
-    system = ns.system
+    system = _text(ns, ns.system)
     history: list[dict] = []
     while True:
         try:
@@ -163,21 +253,28 @@ def cmd_chat(ns) -> int:
         text = line.strip()
         if not text:
             continue
-        if text in ("/exit", "/quit"):
+        command, _, rest = text.partition(" ")
+        if command in ("/exit", "/quit"):
             return 0
-        if text == "/reset":
+        if command in ("/help", "/?"):
+            print(_slash_help(), file=sys.stderr)
+            continue
+        if command == "/reset":
             history = []
             print("[history cleared]", file=sys.stderr)
             continue
-        if text == "/history":
+        if command == "/history":
             for m in ([{"role": "system", "content": system}] if system else []) + history:
                 print(f"[{m['role']}] {m['content']}", file=sys.stderr)
             print(f"[{len(history)} messages]", file=sys.stderr)
             continue
-        if text.startswith("/system"):
-            system = text[len("/system"):].strip() or None
+        if command == "/system":
+            system = rest.strip() or None
             history = []
             print(f"[system prompt {'set' if system else 'cleared'}; history cleared]", file=sys.stderr)
+            continue
+        if re.fullmatch(r"/[A-Za-z]+", text):  # a mistyped command, not a message for the model
+            print(f"[unknown command {text}; /help lists them]", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
         messages = ([{"role": "system", "content": system}] if system else []) + history
@@ -346,7 +443,7 @@ def cmd_serve(ns) -> int:
 
 # ---------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="llama3", description="Run and look inside Llama 3 models (Meta, Hugging Face and GGUF checkpoints).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="run `llama3 COMMAND --help` for each command's options and examples")
@@ -358,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG_GENERATE, formatter_class=argparse.RawDescriptionHelpFormatter)
     g.add_argument("prompt", nargs="?", default=None, help="the prompt (or '-' / omit to read standard input)")
     _model_args(g)
-    _sampling_args(g, max_tokens=_DEFAULTS.max_new_tokens)
+    _sampling_args(g, max_tokens=256)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="an interactive chat in the model's chat format",
@@ -453,7 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "  llama3 serve --model ./Llama-3.2-1B-Instruct --max-batch 4 --ctx 4096\n\n"
                                "then:\n  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: "
                                "application/json' \\\n    -d '{\"messages\": [{\"role\": \"user\", "
-                               "\"content\": \"Hi\"}]}'",
+                               "\"content\": \"Hi\"}]}'\n\n" + SAMPLING_NOTE.replace(
+                                   "sampling defaults:", "sampling defaults (for what a request leaves out):"),
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_args(sv)
     sv.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
@@ -464,6 +562,11 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow browser requests from this origin (repeatable; default: no CORS)")
     sv.set_defaults(func=cmd_serve)
+
+    from .evaluate import add_eval_parser, add_perplexity_parser
+
+    add_eval_parser(sub)
+    add_perplexity_parser(sub)
     return parser
 
 
@@ -473,7 +576,28 @@ def _presets():
     return list(PRESETS)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (status 2), like every other user error here."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The console entry point: a user error is one line on stderr and status 2, Ctrl-C (at any moment,
+    the import of torch included) one line and status 130."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("\nllama3: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     from .tokenizer import TokenizerError
@@ -481,11 +605,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except (ValueError, TokenizerError, OSError) as e:
-        print(f"llama3 {ns.command}: error: {e}", file=sys.stderr)
+        print(f"llama3 {ns.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
     except BrokenPipeError:
         return 0
 

@@ -5,21 +5,30 @@ In layers: ``Generator.run`` queues prompts in the engine's continuous-batching 
 finish_reason) as they come; ``generate`` collects them into a ``GenerationResult``. The engine keeps
 its paged KV cache between calls, so a prompt that starts like an earlier one (the next turn of a
 chat) reuses those keys and values and only the new tokens are computed.
+
+``Llama``'s calls take sampling knobs (``SamplingParams``'s fields; what is left out comes from
+``llm.sampling_defaults``, the checkpoint's own or llama.cpp's) and output controls, turned into
+logits processors by ``llama3.structured.processors_for``: ``json_schema`` (a dict, JSON text or
+pydantic model; ``strict``), ``json_object``, ``regex``, ``grammar`` (GBNF or Lark), ``logit_bias``
+({token id: bias}); ``chat`` also ``tools`` and ``tool_choice`` (OpenAI's shapes).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .config import ModelArgs
 from .engine import Engine, Request, Step
 from .model import Transformer
-from .sampling import SamplingParams
+from .sampling import FALLBACK_SAMPLING, SamplingParams
 from .tokenizer import Tokenizer
+
+# The options that are not sampling knobs: they become logits processors (structured.processors_for).
+OUTPUT_OPTIONS = ("json_schema", "strict", "json_object", "regex", "grammar", "logit_bias")
 
 
 @dataclass
@@ -34,6 +43,10 @@ class GenerationResult:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     cached_tokens: int = 0  # prompt tokens whose keys and values were reused from the cache
+    # The calls a reply to ``chat(..., tools=...)`` makes, as OpenAI's ``tool_calls`` ({"id", "type":
+    # "function", "function": {"name", "arguments": JSON text}}); ``text`` is then what the reply says
+    # besides them (often ""), ``finish_reason`` "tool_calls", and ``token_ids`` the whole reply.
+    tool_calls: list[dict] = field(default_factory=list)
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -77,12 +90,17 @@ class Generator:
         self.engine.check_prompt(prompt)
 
     def submit(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-               stop_ids: set[int] | None = None, processors: Sequence = ()) -> list[Request]:
-        """Queue prompts in the engine; ``Request.index`` is each prompt's position in ``prompts``."""
+               stop_ids: set[int] | None = None,
+               processors: Sequence | Callable[[], Sequence] = ()) -> list[Request]:
+        """Queue prompts in the engine; ``Request.index`` is each prompt's position in ``prompts``.
+        ``processors``: logits processors shared by every prompt, or a function that makes a new list
+        for each (stateful ones, such as a grammar, follow one sequence)."""
         params_list = params if isinstance(params, list) else [params] * len(prompts)
+        make = (lambda: processors) if isinstance(processors, (list, tuple)) else processors
         for p in prompts:
             self.check_prompt(p)
-        requests = [Request(list(p), sp, stop_ids, processors, index=i) for i, (p, sp) in enumerate(zip(prompts, params_list))]
+        requests = [Request(list(p), sp, stop_ids, make(), index=i)
+                    for i, (p, sp) in enumerate(zip(prompts, params_list))]
         for r in requests:
             self.engine.add(r)
         return requests
@@ -105,7 +123,8 @@ class Generator:
                 engine.step()  # free their cache blocks now
 
     def run(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
-            stop_ids: set[int] | None = None, processors: Sequence = ()) -> Iterator[Step]:
+            stop_ids: set[int] | None = None,
+            processors: Sequence | Callable[[], Sequence] = ()) -> Iterator[Step]:
         """Generate for every prompt together; yields each prompt's Steps as they are made (``Step.index``
         is the prompt's position in ``prompts``)."""
         return self.stream(self.submit(prompts, params, stop_ids, processors))
@@ -124,6 +143,10 @@ class Llama:
         self.engine_options = {k: v for k, v in (engine_options or {}).items() if v is not None}
         self.generator = Generator(model, tokenizer, max_context, **self.engine_options)
         self.dequantized: list[tuple[str, str]] = []  # set by load: tensors widened for want of a kernel
+        # What sampling uses for knobs a call leaves out; load sets the checkpoint's own
+        # (sampling.model_sampling_defaults: generation_config.json or GGUF general.sampling.*).
+        self.sampling_defaults: dict = dict(FALLBACK_SAMPLING)
+        self.sampling_defaults_source = "llama.cpp's defaults"
 
     @property
     def device(self) -> torch.device:
@@ -157,27 +180,77 @@ class Llama:
         return self.chat_format.render(messages, add_generation_prompt=True)
 
     # ------------------------------------------------------------------------ generation
-    def stream(self, prompt: str | Sequence[int], **sampling) -> Iterator[Step]:
+    def split_options(self, options: dict, tools: Sequence[dict] | None = None,
+                tool_choice: str | dict | None = None) -> tuple[SamplingParams, Callable[[], list]]:
+        """Split a call's keyword arguments into SamplingParams (omitted knobs from ``sampling_defaults``)
+        and a function making each sequence's logits processors (``structured.processors_for``)."""
+        from .structured import processors_for
+
+        output = {k: options.pop(k) for k in OUTPUT_OPTIONS if k in options}
+        params = SamplingParams(**{**self.sampling_defaults, **options})
+
+        def make() -> list:
+            return processors_for(self.tokenizer, tools=tools, tool_choice=tool_choice, chat_format=self.chat_format,
+                                  **output)
+
+        make()  # a bad schema, regex, grammar or bias fails here, before anything is queued
+        return params, make
+
+    def stream(self, prompt: str | Sequence[int], **options) -> Iterator[Step]:
         """Yield Steps for one prompt as they are made."""
         ids = self.encode_prompt(prompt)
-        yield from self.generator.run([ids], SamplingParams(**sampling))
+        params, make = self.split_options(options)
+        yield from self.generator.run([ids], params, processors=make)
 
-    def generate(self, prompt, **sampling) -> GenerationResult | list[GenerationResult]:
+    def generate(self, prompt, **options) -> GenerationResult | list[GenerationResult]:
         """Generate for a prompt (str or ids) or a list of prompts (batched; results in order)."""
+        params, make = self.split_options(options)
         if isinstance(prompt, (list, tuple)) and prompt and not all(isinstance(t, int) for t in prompt):
-            return self._generate_ids([self.encode_prompt(p) for p in prompt], SamplingParams(**sampling))
-        return self._generate_ids([self.encode_prompt(prompt)], SamplingParams(**sampling))[0]
+            return self._generate_ids([self.encode_prompt(p) for p in prompt], params, make)
+        return self._generate_ids([self.encode_prompt(prompt)], params, make)[0]
 
-    def chat(self, messages: Sequence[dict], **sampling) -> GenerationResult:
-        """The assistant's reply to a conversation, in the model's chat format."""
-        _, ids = self.chat_prompt(messages)
-        return self._generate_ids([ids], SamplingParams(**sampling))[0]
+    def chat(self, messages: Sequence[dict], *, tools: Sequence[dict] | None = None,
+             tool_choice: str | dict | None = None, **options) -> GenerationResult:
+        """The assistant's reply to a conversation, in the model's chat format. With ``tools`` (OpenAI's
+        function definitions) the model may call them: ``result.tool_calls``; ``tool_choice`` "auto"
+        (the default), "none", "required" or ``{"type": "function", "function": {"name": ...}}`` (the
+        last two guaranteed by constrained decoding). Feed calls back as an assistant message with
+        ``tool_calls`` and the results as ``{"role": "tool", "content": ...}`` messages."""
+        ids, parse = self._chat_ids(messages, tools, tool_choice)
+        params, make = self.split_options(options, tools, tool_choice)
+        result = self._generate_ids([ids], params, make)[0]
+        if parse:
+            from .tools import parse_tool_calls
 
-    def stream_chat(self, messages: Sequence[dict], **sampling) -> Iterator[Step]:
-        _, ids = self.chat_prompt(messages)
-        yield from self.generator.run([ids], SamplingParams(**sampling))
+            content, calls = parse_tool_calls(result.text)
+            if calls and result.finish_reason == "stop":
+                result.text, result.finish_reason = content or "", "tool_calls"
+                result.tool_calls = [c.to_openai() for c in calls]
+        return result
 
-    def _generate_ids(self, prompts: list[list[int]], params: SamplingParams) -> list[GenerationResult]:
+    def stream_chat(self, messages: Sequence[dict], *, tools: Sequence[dict] | None = None,
+                    tool_choice: str | dict | None = None, **options) -> Iterator[Step]:
+        """Yield the reply's Steps as they are made. With ``tools``, feed ``step.text`` to a
+        ``llama3.tools.ToolCallParser`` for OpenAI's streamed content and tool-call deltas."""
+        ids, _ = self._chat_ids(messages, tools, tool_choice)
+        params, make = self.split_options(options, tools, tool_choice)
+        yield from self.generator.run([ids], params, processors=make)
+
+    def _chat_ids(self, messages: Sequence[dict], tools, tool_choice) -> tuple[list[int], bool]:
+        """The prompt's ids, and whether the reply may hold tool calls."""
+        if not tools:
+            if tool_choice not in (None, "none", "auto"):
+                raise ValueError(f"tool_choice {tool_choice!r} needs tools")
+            return self.chat_prompt(messages)[1], False
+        from .tools import check_tool_choice, check_tools, render_tools_prompt
+
+        if self.chat_format is None:
+            raise ValueError(f"{self.path}: this model has no chat template; use generate() with a plain prompt")
+        choice = check_tool_choice(tool_choice, check_tools(tools))
+        return render_tools_prompt(self.chat_format, messages, tools, choice)[1], choice != "none"
+
+    def _generate_ids(self, prompts: list[list[int]], params: SamplingParams,
+                      processors: Callable[[], list] | Sequence = ()) -> list[GenerationResult]:
         n = len(prompts)
         texts = [[] for _ in range(n)]
         tokens = [[] for _ in range(n)]
@@ -187,7 +260,7 @@ class Llama:
         counts = [0] * n
         t0 = time.perf_counter()
         first = None
-        requests = self.generator.submit(prompts, params)
+        requests = self.generator.submit(prompts, params, processors=processors)
         for step in self.generator.stream(requests):
             if first is None:
                 first = time.perf_counter()

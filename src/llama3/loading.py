@@ -16,13 +16,26 @@ import torch
 from .chat import chat_format_for
 from .config import ModelArgs
 from .generation import Llama
+from .sampling import model_sampling_defaults
 from .weights.common import CheckpointError, check_state_dict
 
 
 def resolve_device(device=None) -> torch.device:
+    """The device to load on: "auto"/None = CUDA if available, else the CPU. ValueError for a device
+    this torch cannot use (CUDA on a CPU-only build, or no such GPU)."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device} asked for, but {why} (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device} does not exist: {torch.cuda.device_count()} CUDA GPU(s) visible")
+    return device
 
 
 def default_dtype(device: torch.device) -> torch.dtype:
@@ -134,6 +147,8 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
         bar.set_description_str("reading the chat template")
         chat = chat_format_for(tokenizer, template if isinstance(template, str) else None, source)
     llm = Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context, engine_options)
+    llm.sampling_defaults, llm.sampling_defaults_source = model_sampling_defaults(
+        ckpt.path, ckpt.gguf_metadata if ckpt.format == "gguf" else None)
     llm.dequantized = list(ckpt.dequantized)  # (tensor, kind) converted to float because no kernel runs its kind
     return llm
 

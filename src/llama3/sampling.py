@@ -6,9 +6,11 @@ filtered-out token gets -inf. ``SamplingParams`` validates every knob once, at t
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Mapping
 
 import torch
 
@@ -19,7 +21,9 @@ NEG_INF = float("-inf")
 class SamplingParams:
     """How to pick the next token. ``temperature=0`` is greedy (argmax); the filters then do nothing.
 
-    Defaults follow llama.cpp's: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05.
+    Defaults follow llama.cpp's: temperature 0.8, top_k 40, top_p 0.95, min_p 0.05. ``Llama`` fills
+    what a call leaves out from ``llm.sampling_defaults`` instead: the checkpoint's own where it
+    says (``model_sampling_defaults``), else these.
     """
 
     max_new_tokens: int = 256
@@ -82,6 +86,66 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+# ------------------------------------------------------------------------- model defaults
+# What a model samples with when neither its checkpoint nor the caller says: SamplingParams' defaults,
+# which are llama.cpp's (common/common.h: temp 0.80, top_k 40, top_p 0.95, min_p 0.05, penalty_repeat
+# 1.00); the same for the CLI, the Python API and the server.
+FALLBACK_SAMPLING = {name: SamplingParams.__dataclass_fields__[name].default
+                     for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")}
+
+# Where checkpoints say their own: Hugging Face generation_config.json keys, and the GGUF keys that
+# llama.cpp's convert_hf_to_gguf.py writes from them (gguf-py Keys.General.SAMPLING_*).
+_HF_KEYS = {"temperature": "temperature", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
+            "repetition_penalty": "repetition_penalty"}
+_GGUF_KEYS = {"temperature": "general.sampling.temp", "top_k": "general.sampling.top_k",
+              "top_p": "general.sampling.top_p", "min_p": "general.sampling.min_p",
+              "repetition_penalty": "general.sampling.penalty_repeat"}
+
+
+def model_sampling_defaults(path: str | Path, gguf_metadata: Mapping | None = None) -> tuple[dict, str]:
+    """The sampling defaults a checkpoint asks for: (SamplingParams keyword arguments, where they came from).
+
+    A GGUF file's ``general.sampling.*`` keys (``gguf_metadata``), else a Hugging Face folder's
+    ``generation_config.json`` (``temperature``, ``top_k``, ``top_p``, ``min_p``, ``repetition_penalty``;
+    ``"do_sample": false`` means greedy, as transformers reads it); whatever the checkpoint leaves
+    unsaid is ``FALLBACK_SAMPLING`` (llama.cpp's defaults). A value that SamplingParams refuses
+    raises ValueError naming the file and key.
+    """
+    found, source = {}, "llama.cpp's defaults"
+    if gguf_metadata is not None:
+        found = {name: gguf_metadata[key] for name, key in _GGUF_KEYS.items() if key in gguf_metadata}
+        where = {name: f"{path}: {key}" for name, key in _GGUF_KEYS.items()}
+        if found:
+            source = f"{path} (general.sampling.*)"
+    else:
+        config = Path(path) / "generation_config.json" if Path(path).is_dir() else None
+        where = {name: f"{config}: {key}" for name, key in _HF_KEYS.items()}
+        if config is not None and config.is_file():
+            try:
+                data = json.loads(config.read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ValueError(f"{config}: not valid JSON: {e}") from None
+            if not isinstance(data, dict):
+                raise ValueError(f"{config}: expected a JSON object")
+            found = {name: data[key] for name, key in _HF_KEYS.items() if data.get(key) is not None}
+            if data.get("do_sample") is False:
+                found["temperature"] = 0.0  # transformers decodes greedily and ignores the sampling knobs
+            if found:
+                source = str(config)
+    out = dict(FALLBACK_SAMPLING)
+    for name, value in found.items():
+        if name == "top_k" and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if name != "top_k" and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        try:
+            SamplingParams(**{name: value})
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{where[name]}: {e}") from None
+        out[name] = value
+    return out, source
 
 
 # ------------------------------------------------------------------------------------ filters

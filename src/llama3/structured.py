@@ -345,3 +345,45 @@ def generate_with_processor(llm, prompt: Sequence[int], processor, *, max_new_to
             out.append(step.token_id)
         reason = step.finish_reason or reason
     return out, reason
+
+
+# ------------------------------------------------------------------------------- from options
+def processors_for(tokenizer: Tokenizer, *, json_schema: Mapping | str | type | None = None, strict: bool = True,
+                   json_object: bool = False, regex: str | None = None, grammar: str | None = None,
+                   logit_bias: Mapping | None = None, tools: Sequence[dict] | None = None,
+                   tool_choice: str | dict | None = None, chat_format=None) -> list:
+    """The logits processors for one sequence from the output options that the Python API, the CLI and
+    the server take: ``logit_bias`` (``LogitBias``) first, then at most one constraint: ``json_schema``
+    (with ``strict``), ``json_object``, ``regex``, ``grammar``, or a tool call that ``tool_choice``
+    "required" or ``{"type": "function", "function": {"name": ...}}`` demands of ``tools`` (written
+    as ``chat_format``'s model writes calls; "auto" and "none" constrain nothing).
+
+    Build a new list for every sequence: a grammar follows one sequence. ValueError (GrammarError
+    for a schema, regex or grammar) names what is wrong."""
+    from .processors import LogitBias
+    from .tools import check_tool_choice, check_tools, tool_call_constraint
+
+    given = [name for name, value in (("json_schema", json_schema), ("json_object", json_object or None),
+                                      ("regex", regex), ("grammar", grammar)) if value is not None]
+    calls = None
+    if tools:
+        tools = check_tools(tools)
+        if check_tool_choice(tool_choice, tools) not in ("none", "auto"):
+            given.append(f"tool_choice {tool_choice!r}")
+            calls = tool_call_constraint(tokenizer, chat_format, tools, tool_choice)
+    elif tool_choice not in (None, "none", "auto"):
+        raise ValueError(f"tool_choice {tool_choice!r} needs tools")
+    if len(given) > 1:
+        raise ValueError(f"give one output constraint, not {' and '.join(given)}")
+    out = [LogitBias(logit_bias, tokenizer.vocab_size)] if logit_bias else []
+    if json_schema is not None:
+        out.append(GrammarConstraint.json_schema(tokenizer, json_schema, strict=strict))
+    elif json_object:
+        out.append(GrammarConstraint.json_object(tokenizer))
+    elif regex is not None:
+        out.append(GrammarConstraint.regex(tokenizer, regex))
+    elif grammar is not None:
+        out.append(GrammarConstraint.grammar(tokenizer, grammar))
+    elif calls is not None:
+        out.append(calls)
+    return out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 from ..config import PRESETS, ModelArgs, meta_ffn_hidden_dim
 
@@ -152,6 +153,13 @@ def resolve(target: str | None):
     from ..weights.shapes import checkpoint_shapes
 
     path = default_model_path() if target is None else target
+    if target is not None and not os.path.exists(os.path.expanduser(str(target))):
+        import difflib
+
+        near = difflib.get_close_matches(str(target).lower(), list(PRESETS), n=3, cutoff=0.6)
+        raise ValueError(f"{target!r} is neither a checkpoint path nor a preset"
+                         + (f" (did you mean {' or '.join(near)}?)" if near else "")
+                         + f"; presets: {', '.join(PRESETS)}")
     args, shapes = checkpoint_shapes(path)
     return args, shapes, str(path)
 
