@@ -46,6 +46,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="skip the NaN/inf check of the weights at load (a vectorized pass over the file)")
 
 
+def _tp_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tensor parallelism")
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes (GPUs, or CPU ranks over gloo), started here; under "
+                        "torchrun (WORLD_SIZE set) the ranks are torchrun's (default: 1)")
+    g.add_argument("--tp-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds a rank waits for the others inside the model before giving up (default: 300)")
+
+
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--max-tokens", "-n", type=int, default=max_tokens, metavar="N",
@@ -80,7 +89,13 @@ def _load(ns):
     if ns.model is None:
         print("using the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",
               file=sys.stderr)
-    llm = load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx, check=ns.check)
+    session = getattr(ns, "tp_session", None)
+    if session is not None:  # rank 0 of a tensor-parallel run: this rank's shard, driving every rank
+        from .parallel import load as load_parallel
+
+        llm = load_parallel(session, ns.model, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx, check=ns.check)
+    else:
+        llm = load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx, check=ns.check)
     if getattr(ns, "verbose", False):
         print(f"runs as: {llm.describe()}", file=sys.stderr)
     return llm
@@ -325,7 +340,7 @@ def cmd_serve(ns) -> int:
               file=sys.stderr)
     serve(ns.model, host=ns.host, port=ns.port, api_key=ns.api_key, max_batch=ns.max_batch, max_queue=ns.max_queue,
           ctx=ns.ctx, cors_origins=ns.cors_origin or None, device=ns.device, dtype=ns.dtype, quantize=ns.quantize,
-          check=ns.check)
+          check=ns.check, load_model=(lambda: _load(ns)) if getattr(ns, "tp_session", None) else None)
     return 0
 
 
@@ -344,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default=None, help="the prompt (or '-' / omit to read standard input)")
     _model_args(g)
     _sampling_args(g, max_tokens=_DEFAULTS.max_new_tokens)
+    _tp_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="an interactive chat in the model's chat format",
@@ -352,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
     _model_args(c)
     _sampling_args(c, max_tokens=1024)
+    _tp_args(c)
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("explain", help="a model's config, explained: derived sizes, parameters, memory, speed",
@@ -448,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default: 64)")
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow browser requests from this origin (repeatable; default: no CORS)")
+    _tp_args(sv)
     sv.set_defaults(func=cmd_serve)
     return parser
 
@@ -461,9 +479,23 @@ def _presets():
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    from .parallel.runtime import world_from_env
+
+    if getattr(ns, "tp", 1) != 1 or world_from_env()[1] > 1:  # tensor parallel: every rank runs this
+        from .parallel.launch import main as parallel_main
+
+        if getattr(ns, "tp", 1) < 1:
+            parser.error(f"--tp must be >= 1, got {ns.tp}")
+        return _run(ns, lambda: parallel_main(ns, sys.argv[1:] if argv is None else list(argv), lambda: _run(ns)))
+    return _run(ns)
+
+
+def _run(ns, command=None) -> int:
     from .tokenizer import TokenizerError
 
     try:
+        if command is not None:
+            return command()
         return ns.func(ns)
     except (ValueError, TokenizerError, OSError) as e:
         print(f"llama3 {ns.command}: error: {e}", file=sys.stderr)

@@ -115,11 +115,10 @@ class Llama:
     """A loaded model: ``args``, ``model``, ``tokenizer``, ``chat_format``, and generation on top."""
 
     def __init__(self, args: ModelArgs, model: Transformer, tokenizer: Tokenizer, chat_format=None,
-                 path: str | None = None, format: str = "", max_context: int | None = None, **engine_options):
-        """``engine_options`` go to the ``Engine`` (e.g. ``decoder=``, as tensor parallelism sets it)."""
+                 path: str | None = None, format: str = "", max_context: int | None = None):
         self.args, self.model, self.tokenizer, self.chat_format = args, model, tokenizer, chat_format
         self.path, self.format = path, format
-        self.generator = Generator(model, tokenizer, max_context, **engine_options)
+        self.generator = Generator(model, tokenizer, max_context)
         self.dequantized: list[tuple[str, str]] = []  # set by load: tensors widened for want of a kernel
 
     @property

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..weights.common import ReadOptions
-from .runtime import ParallelDecoder, Session
+from .runtime import Session
 from .shards import read_shard_checkpoint
 from .split import build_shard
 
@@ -41,7 +41,7 @@ def load(session: Session, path=None, *, dtype=None, quantize: str | None = "aut
     if session.rank != 0:
         return model
     tokenizer, chat = tokenizer_and_chat(ckpt)
-    llm = Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context,
-                decoder=lambda m, cache: ParallelDecoder(m, cache, session))
+    model.tp_session = session  # every engine made on it drives all ranks (engine.policy.make_decoder)
+    llm = Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context)
     llm.dequantized = list(ckpt.dequantized)
     return llm

@@ -180,7 +180,7 @@ def init(timeout: float = DEFAULT_TIMEOUT, device: str | None = None) -> Session
 class ParallelDecoder(TorchDecoder):
     """``TorchDecoder`` on rank 0 of a tensor-parallel run: each model call is sent to the other ranks first."""
 
-    name = "torch-tp"
+    name = "torch"
 
     def __init__(self, model, cache: PagedKVCache, session: Session):
         super().__init__(model, cache)
