@@ -212,14 +212,27 @@ def cmd_explain(ns) -> int:
         info = explain(args, tensor_counts=counts, batch=ns.batch, context=ns.context, bandwidth_gbs=ns.bandwidth)
         if shapes is not None:
             info["execution"] = execution_path(target)
+        if ns.tp > 1:
+            from .parallel.explain import explain_split
+
+            info["tensor_parallel"] = explain_split(
+                args, ns.tp, batch=ns.batch or args.max_batch_size, context=ns.context, bandwidth_gbs=ns.bandwidth,
+                interconnect_gbs=ns.interconnect, latency_us=ns.latency_us)
         return info, label
 
     if ns.compare:
         (a, la), (b, lb) = info_for(ns.compare[0]), info_for(ns.compare[1])
         print(json.dumps({la: a, lb: b}, indent=2, default=str) if ns.json else format_compare(a, b, la, lb))
         return 0
+    if ns.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {ns.tp}")
     info, label = info_for(ns.target)
-    print(json.dumps(info, indent=2, default=str) if ns.json else format_text(info, label))
+    text = format_text(info, label)
+    if "tensor_parallel" in info:
+        from .parallel.explain import format_split
+
+        text += "\n" + format_split(info["tensor_parallel"])
+    print(json.dumps(info, indent=2, default=str) if ns.json else text)
     return 0
 
 
@@ -386,6 +399,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context", type=int, default=None, help="KV cache context (default: max_seq_len)")
     e.add_argument("--bandwidth", type=float, default=20.0, metavar="GB/S",
                    help="memory bandwidth for the decode speed limit (default: 20, this machine's)")
+    e.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="show the split over N tensor-parallel ranks: what each holds, reads and sends")
+    e.add_argument("--interconnect", type=float, default=50.0, metavar="GB/S",
+                   help="bandwidth between ranks for --tp (default: 50; NVLink 4 ~450, PCIe 5 x16 ~64)")
+    e.add_argument("--latency-us", type=float, default=10.0, metavar="US",
+                   help="latency of one collective for --tp (default: 10)")
     e.set_defaults(func=cmd_explain)
 
     t = sub.add_parser("trace", help="one forward pass, stage by stage, with shapes and statistics",
@@ -479,9 +498,10 @@ def _presets():
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    from .parallel.launch import COMMANDS
     from .parallel.runtime import world_from_env
 
-    if getattr(ns, "tp", 1) != 1 or world_from_env()[1] > 1:  # tensor parallel: every rank runs this
+    if world_from_env()[1] > 1 or ns.command in COMMANDS and ns.tp != 1:  # tensor parallel: every rank runs this
         from .parallel.launch import main as parallel_main
 
         if getattr(ns, "tp", 1) < 1:

@@ -22,6 +22,7 @@ runs rank 0 in the calling process (so it keeps the terminal).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import socket
@@ -41,9 +42,9 @@ from ..engine.decoders import TorchDecoder
 DEFAULT_TIMEOUT = 300.0  # seconds a model collective may wait for the slowest rank
 _IDLE = timedelta(days=30)  # how long ranks > 0 wait for rank 0's next message
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Messages from rank 0: a header of 8 int64 (op, then op-specific fields), then a payload for FORWARD.
+# Messages from rank 0: a header of 10 int64 (op, then op-specific fields), then a payload for FORWARD.
 INIT, FORWARD, STOP, ABORT = 1, 2, 3, 4
-_HEADER = 8
+_HEADER = 10  # the payload length goes last
 
 
 class ParallelError(RuntimeError):
@@ -327,29 +328,35 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, collective_timeout:
     rank's result, in rank order. Every rank must finish within ``timeout`` seconds (else all are killed
     and TimeoutError says which hung); if any raised, ParallelError carries every rank's error."""
     import multiprocessing
+    import tempfile
 
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, collective_timeout, threads, device, fn, args, queue),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    results, errors = [None] * world, {}
-    while not queue.empty():
-        rank, ok, value = queue.get()
-        if ok:
-            results[rank] = value
-        else:
-            errors[rank] = value
+    with tempfile.TemporaryDirectory(prefix="llama3-ranks-") as out:
+        procs = [ctx.Process(target=_rank_main, daemon=True,
+                             args=(r, world, port, collective_timeout, threads, device, fn, args, out))
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        # Each rank leaves its result (or its error) in a file: a pipe would block a rank with a large result
+        # until read, and a rank killed mid-write would leave half a message.
+        results, errors = [None] * world, {}
+        for r in range(world):
+            if os.path.exists(f"{out}/{r}.pt"):
+                results[r] = torch.load(f"{out}/{r}.pt", weights_only=False)  # our own child's file
+            elif os.path.exists(f"{out}/{r}.err"):
+                with open(f"{out}/{r}.err") as f:
+                    errors[r] = f.read()
+            elif r not in hung:
+                errors[r] = f"exited with status {procs[r].exitcode} and no result"
     if hung:
         raise TimeoutError(f"rank(s) {hung} still running after {timeout:.0f} s; errors so far: {errors}")
     if errors:
@@ -357,7 +364,7 @@ def run_ranks(fn, world: int, *args, timeout: float = 120.0, collective_timeout:
     return results
 
 
-def _rank_main(rank, world, port, collective_timeout, threads, device, fn, args, queue) -> None:
+def _rank_main(rank, world, port, collective_timeout, threads, device, fn, args, out) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     if threads:
@@ -365,12 +372,14 @@ def _rank_main(rank, world, port, collective_timeout, threads, device, fn, args,
     session = None
     try:
         session = init(collective_timeout, device)
-        queue.put((rank, True, fn(session, *args)))
+        torch.save(fn(session, *args), f"{out}/{rank}.tmp")
+        os.replace(f"{out}/{rank}.tmp", f"{out}/{rank}.pt")
         session.close(True)
     except BaseException as e:  # noqa: BLE001 - every failure is reported to the caller, then the rank exits
         message = f"{type(e).__name__}: {e}"
         if session is not None:
             session.report(message)
-        queue.put((rank, False, message))
+        with open(f"{out}/{rank}.err", "w") as f:
+            f.write(message)
         sys.stderr.flush()
         os._exit(1)  # not a clean teardown: the groups may be mid-collective
