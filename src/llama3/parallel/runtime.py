@@ -376,6 +376,8 @@ def _rank_main(rank, world, port, collective_timeout, threads, device, fn, args,
         os.replace(f"{out}/{rank}.tmp", f"{out}/{rank}.pt")
         session.close(True)
     except BaseException as e:  # noqa: BLE001 - every failure is reported to the caller, then the rank exits
+        if session is not None and isinstance(e, RuntimeError) and _is_collective_error(e):
+            e = session.failure(e)  # which rank broke the collective, and why
         message = f"{type(e).__name__}: {e}"
         if session is not None:
             session.report(message)
