@@ -30,6 +30,7 @@ The collectives themselves are torch.distributed's (``all_reduce``, ``all_gather
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -193,23 +194,42 @@ def shard_modules(model: Transformer, split: Split) -> Transformer:
     return model
 
 
+@dataclass
+class CollectiveStats:
+    """What a shard's collectives cost so far: calls, bytes each rank contributed, host seconds spent in
+    them (on CUDA, where NCCL runs asynchronously, the time to enqueue unless the caller synchronizes)."""
+
+    calls: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def timed(self, collective, tensor: torch.Tensor, *args, **kwargs) -> None:
+        t0 = time.perf_counter()
+        collective(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        self.bytes += tensor.numel() * tensor.element_size()
+
+
 def add_collectives(model: Transformer, split: Split, group=None) -> Transformer:
     """Register the hooks that make a shard compute what the whole model does: an all-reduce after each
-    row-parallel layer (wo, w2) and the vocabulary-parallel embedding, an all-gather of the logits."""
+    row-parallel layer (wo, w2) and the vocabulary-parallel embedding, an all-gather of the logits.
+    ``model.tp_stats`` counts them."""
+    stats = model.tp_stats = CollectiveStats()
     for layer in model.layers:
-        layer.attention.wo.register_forward_hook(_all_reduce_hook(group))
-        layer.feed_forward.w2.register_forward_hook(_all_reduce_hook(group))
+        layer.attention.wo.register_forward_hook(_all_reduce_hook(group, stats))
+        layer.feed_forward.w2.register_forward_hook(_all_reduce_hook(group, stats))
     emb = model.tok_embeddings
     emb.register_forward_pre_hook(_local_ids_hook(split))
-    emb.register_forward_hook(_embedding_sum_hook(group))
-    model.output.register_forward_hook(_gather_logits_hook(split, group))
+    emb.register_forward_hook(_embedding_sum_hook(group, stats))
+    model.output.register_forward_hook(_gather_logits_hook(split, group, stats))
     model.tp_split = split
     return model
 
 
-def _all_reduce_hook(group):
+def _all_reduce_hook(group, stats: CollectiveStats):
     def hook(module, inputs, out):
-        dist.all_reduce(out, group=group)  # partial sums of the rank's columns -> the full product
+        stats.timed(dist.all_reduce, out, out, group=group)  # partial sums of the rank's columns -> the product
         return out
 
     return hook
@@ -227,23 +247,23 @@ def _local_ids_hook(split: Split):
     return hook
 
 
-def _embedding_sum_hook(group):
+def _embedding_sum_hook(group, stats: CollectiveStats):
     def hook(module, inputs, out):
         out = out.masked_fill(module.tp_outside[..., None], 0)  # (batch, seq, dim): rows of other ranks' ids are 0
-        dist.all_reduce(out, group=group)
+        stats.timed(dist.all_reduce, out, out, group=group)
         return out
 
     return hook
 
 
-def _gather_logits_hook(split: Split, group):
+def _gather_logits_hook(split: Split, group, stats: CollectiveStats):
     width = max(hi - lo for lo, hi in split.vocab_ranges)
 
     def hook(module, inputs, out):
         # all_gather needs equal sizes: pad each rank's (batch, seq, its ids) to the widest, then trim.
         padded = torch.nn.functional.pad(out, (0, width - out.shape[-1])).contiguous()
         parts = [torch.empty_like(padded) for _ in split.vocab_ranges]
-        dist.all_gather(parts, padded, group=group)
+        stats.timed(dist.all_gather, padded, parts, padded, group=group)
         return torch.cat([p[..., :hi - lo] for p, (lo, hi) in zip(parts, split.vocab_ranges)], dim=-1)
 
     return hook
