@@ -253,3 +253,61 @@ def test_cli_generate_tp2_matches_one_process(smollm2_fast):
     assert proc.returncode == 0, proc.stderr
     expected = smollm2_fast.generate("The capital of France is", max_new_tokens=12, temperature=0).text
     assert proc.stdout.strip() == expected.strip()
+
+
+def test_server_tp2_matches_one_process(smollm2):
+    """`llama3 serve --tp 2`: rank 0 serves, rank 1 replays; the completion equals one process's, and
+    SIGTERM stops every rank."""
+    import signal
+    import urllib.request
+
+    from llama3.parallel.runtime import free_port
+
+    port = free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "llama3", "serve", "--tp", "2", "--device", "cpu", "--quantize",
+                             "none", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.5)
+        body = json.dumps({"prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            text = json.loads(r.read())["choices"][0]["text"]
+        assert text == smollm2.generate("The capital of France is", max_new_tokens=12, temperature=0).text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+    out = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert not out, f"ranks left running: {out}"
+    assert "Transformer.forward over 2 ranks" in proc.stderr.read()  # the server's "runs as" line
+
+
+def test_explain_split_numbers():
+    from llama3.config import ModelArgs
+    from llama3.parallel.explain import explain_split
+
+    args = ModelArgs.from_preset("llama-3.1-70b")
+    info = explain_split(args, 8, batch=1, context=8192)
+    counts = args.param_counts()
+    per_rank = [r["parameters"]["total"] for r in info["ranks"]]
+    # everything is split 8 ways but the norms, which every rank holds
+    assert sum(per_rank) == args.num_params() + 7 * counts["norms"]
+    assert info["ranks"][0]["kv_cache_bytes_per_token"]["bfloat16"] * 8 == args.kv_cache_bytes_per_token(2)
+    bf16 = info["communication"]["bfloat16"]
+    assert bf16["all_reduces_per_token"] == 2 * 80 + 1 and bf16["all_reduce_message_bytes"] == 8192 * 2
+    odd = explain_split(ModelArgs(dim=576, n_layers=2, n_heads=9, n_kv_heads=3, vocab_size=100, ffn_hidden_dim=64), 2)
+    assert "replicated" in odd["split"][-1]
