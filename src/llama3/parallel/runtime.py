@@ -22,7 +22,6 @@ runs rank 0 in the calling process (so it keeps the terminal).
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import socket

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..quantize import QuantTensor
@@ -28,10 +27,11 @@ from ..weights.common import (Checkpoint, CheckpointError, FileMap, ReadOptions,
 from .split import Split, plan, slice_blocks, take, tensor_slice
 
 
-def read_shard_checkpoint(path, world: int, rank: int, opts: ReadOptions = ReadOptions()) -> tuple[Checkpoint, Split]:
+def read_shard_checkpoint(path, world: int, rank: int, opts: ReadOptions | None = None) -> tuple[Checkpoint, Split]:
     """This rank's ``Checkpoint`` (its slices only, Meta-named, shapes as ``Split`` says) and its split."""
     from ..weights import detect_format
 
+    opts = opts or ReadOptions()
     fmt, target = detect_format(path)
     reader = {"gguf": _gguf, "hf": _hf, "meta": _meta}[fmt]
     return reader(target, world, rank, opts)
@@ -141,15 +141,14 @@ def _gguf(path: Path, world: int, rank: int, opts: ReadOptions):
     args = args_from_metadata(path, header)
     check_shapes(path, args, {m: i.shape for m, i in infos.items()})
     check_tokenizer_metadata(path, header.metadata, args.vocab_size)
+    fm = FileMap(path)
     if "rope_freqs.weight" in header.tensors:
-        fm0 = FileMap(path)
         info = header.tensors["rope_freqs.weight"]
-        divisors = _float_view(fm0.bytes[info.offset:info.offset + info.n_bytes], "F32")
+        divisors = _float_view(fm.bytes[info.offset:info.offset + info.n_bytes], "F32")
         if info.kind != "F32" or not (torch.isfinite(divisors).all() and (divisors > 0).all()):
             raise CheckpointError(path, "tensor 'rope_freqs.weight' must be positive finite F32 values")
         args = args.replace(rope_freq_divisors=tuple(float(x) for x in divisors))
     split = plan(args, world, rank)
-    fm = FileMap(path)
     state, dequantized = {}, []
     for meta, info in infos.items():
         raw = fm.bytes[info.offset:info.offset + info.n_bytes]
@@ -166,9 +165,9 @@ def _gguf(path: Path, world: int, rank: int, opts: ReadOptions):
             part = take([read_tensor(path, meta, info, raw, dataclasses.replace(opts, keep=frozenset()), [])], dim, ranges)
         if isinstance(part, QuantTensor):  # the slice's own bytes, read as the whole file's reader would read them
             local = dataclasses.replace(info, shape=part.shape, n_bytes=part.nbytes)
-            state[meta] = read_tensor(path, meta, local, np.asarray(part.data.reshape(-1)), opts, dequantized)
-        else:
-            if opts.keep and info.kind not in ("F32",):
+            state[meta] = read_tensor(path, meta, local, part.data.reshape(-1).numpy(), opts, dequantized)
+        else:  # columns cut inside blocks: this slice was dequantized
+            if opts.keep and info.kind != "F32":
                 dequantized.append((meta, info.kind))
             state[meta] = _finish(path, meta, part, dataclasses.replace(opts, keep=frozenset()), [])
         if dim == 1:
