@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from ..weights.common import ReadOptions
 from .runtime import Session
 from .shards import read_shard_checkpoint
-from .split import build_shard
+from .split import build_shard, describe_split
 
 
 def load_shard(session: Session, path=None, *, dtype=None, quantize: str | None = "auto", check: bool = True):
@@ -40,6 +41,9 @@ def load(session: Session, path=None, *, dtype=None, quantize: str | None = "aut
     ckpt, model = load_shard(session, path, dtype=dtype, quantize=quantize, check=check)
     if session.rank != 0:
         return model
+    note = describe_split(ckpt.args, session.world)[-1]
+    if "replicated" in note:
+        warnings.warn(note, stacklevel=2)
     tokenizer, chat = tokenizer_and_chat(ckpt)
     model.tp_session = session  # every engine made on it drives all ranks (engine.policy.make_decoder)
     llm = Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context)

@@ -206,9 +206,11 @@ class _Broadcasting:
         per_row = isinstance(start_pos, torch.Tensor)
         starts = start_pos.reshape(-1).cpu() if per_row else torch.empty(0, dtype=torch.int64)
         payload = torch.cat([tokens.reshape(-1).cpu(), starts, tables.reshape(-1)])
-        self.session.send(FORWARD, self.cache_id, batch, seq, tables.shape[1], int(per_row),
-                          0 if per_row else int(start_pos), int(last_only), payload=payload)
-        with _sigint_deferred():  # a forward half done on rank 0 would leave the others inside a collective
+        # Ctrl-C waits for the call to end: a message or a forward half done on rank 0 would leave the others
+        # waiting for the rest of it.
+        with _sigint_deferred():
+            self.session.send(FORWARD, self.cache_id, batch, seq, tables.shape[1], int(per_row),
+                              0 if per_row else int(start_pos), int(last_only), payload=payload)
             try:
                 return self.model(tokens, start_pos=start_pos, cache=cache, last_only=last_only)
             except RuntimeError as e:
