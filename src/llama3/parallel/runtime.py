@@ -159,7 +159,11 @@ def init(timeout: float = DEFAULT_TIMEOUT, device: str | None = None) -> Session
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda":
-        dev = torch.device("cuda", local % torch.cuda.device_count())
+        local_world, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", str(world))), torch.cuda.device_count()
+        if local_world > gpus:  # NCCL runs one rank per GPU
+            raise ParallelError(f"rank {rank}: {local_world} ranks on this machine need {local_world} GPUs; "
+                                f"{gpus} visible (use fewer ranks, or --device cpu)")
+        dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
     addr, port = os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", "29500"))
     # torchrun's agent hosts the store itself; otherwise rank 0 does.
