@@ -27,9 +27,12 @@ def main(ns, argv: list[str], run) -> int:
     workers = spawn_ranks(tp, argv) if world == 1 else []
     try:
         session = init(ns.tp_timeout, ns.device)
-    except BaseException:
+    except BaseException as e:
         for p in workers:
             p.terminate()
+        if isinstance(e, ParallelError):
+            print(f"llama3 {ns.command}: error: {e}", file=sys.stderr)
+            return 1
         raise
     session.workers = workers
     if session.rank > 0:
