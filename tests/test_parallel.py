@@ -353,3 +353,22 @@ def test_gguf_and_hf_slices_onto_two_ranks(tmp_path):
             # 4 + 5 copies of the 3 KV heads, so 58% and 72% of the whole (KV matrices are large in so small a model)
             assert 0 <= nbytes - planned[rank] <= 4 * args.head_dim, (path.name, rank, nbytes, planned[rank])
             assert nbytes < 0.75 * weight_bytes(one)
+
+
+def test_cli_ctrl_c_stops_every_rank():
+    """Ctrl-C reaches every process of the terminal's group: rank 0 stops (status 130) and tells the others,
+    which ignore the signal themselves; none is left running."""
+    import signal
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "llama3", "generate", "--tp", "2", "--device", "cpu", "-t", "0",
+                             "-n", "2000", "1, 2, 3, 4, 5,"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    first = proc.stdout.read(1)  # generating: both ranks are in the decode loop
+    assert first, proc.stderr.read()
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.monotonic()
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert time.monotonic() - t0 < 20
+    assert not subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()

@@ -56,7 +56,7 @@ def _worker(ns, session) -> int:
     try:
         model = load(session, ns.model, dtype=ns.dtype, quantize=ns.quantize, check=ns.check)
         if worker_loop(model, session) != 0:
-            print(f"llama3 rank {session.rank}: stopping: rank 0 ended with an error", file=sys.stderr)
+            print(f"llama3 rank {session.rank}: stopping: rank 0 ended with an error or was interrupted", file=sys.stderr)
             return 1
         return session.close(True)
     except BaseException as e:  # noqa: BLE001 - reported to the other ranks, then this rank exits
