@@ -245,11 +245,14 @@ def test_cli_tp_error_exits_every_rank(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
-def test_cli_generate_tp2_matches_one_process(smollm2_fast):
+@pytest.mark.parametrize("launcher", ["--tp", "torchrun"])
+def test_cli_generate_tp2_matches_one_process(smollm2_fast, launcher):
+    """`llama3 generate --tp 2` (ranks started by llama3) and `torchrun --nproc-per-node 2 -m llama3 generate`."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "llama3", "generate", "--tp", "2", "--device", "cpu", "-t", "0",
-                           "-n", "12", "The capital of France is"], capture_output=True, text=True, env=env,
-                          timeout=180)
+    command = ["generate", "--device", "cpu", "-t", "0", "-n", "12", "The capital of France is"]
+    argv = [sys.executable, "-m", "llama3", *command, "--tp", "2"] if launcher == "--tp" else \
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "llama3", *command]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=180)
     assert proc.returncode == 0, proc.stderr
     expected = smollm2_fast.generate("The capital of France is", max_new_tokens=12, temperature=0).text
     assert proc.stdout.strip() == expected.strip()
