@@ -80,6 +80,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="skip the NaN/inf check of the weights at load (a vectorized pass over the file)")
 
 
+def _tp_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("tensor parallelism")
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="split the model over N processes (GPUs, or CPU ranks over gloo), started here; under "
+                        "torchrun (WORLD_SIZE set) the ranks are torchrun's (default: 1)")
+    g.add_argument("--tp-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds a rank waits for the others inside the model before giving up (default: 300)")
+
+
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     g = p.add_argument_group("sampling (defaults: the model's own, else llama.cpp's; see below)")
     g.add_argument("--max-tokens", "-n", type=int, default=max_tokens, metavar="N",
@@ -181,8 +190,14 @@ def _load(ns):
     if ns.model is None:
         print("using the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",
               file=sys.stderr)
-    llm = load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx, check=ns.check,
-               threads=ns.threads, kv_dtype=ns.kv_dtype, prefill_dtype=ns.prefill_dtype)
+    session = getattr(ns, "tp_session", None)
+    if session is not None:  # rank 0 of a tensor-parallel run: this rank's shard, driving every rank
+        from .parallel import load as load_parallel
+
+        llm = load_parallel(session, ns.model, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx, check=ns.check)
+    else:
+        llm = load(ns.model, device=ns.device, dtype=ns.dtype, quantize=ns.quantize, max_context=ns.ctx,
+                   check=ns.check, threads=ns.threads, kv_dtype=ns.kv_dtype, prefill_dtype=ns.prefill_dtype)
     if getattr(ns, "verbose", False):
         print(f"runs as: {llm.describe()}", file=sys.stderr)
         print(f"sampling defaults: {llm.sampling_defaults} (from {llm.sampling_defaults_source})", file=sys.stderr)
@@ -309,14 +324,27 @@ def cmd_explain(ns) -> int:
         info = explain(args, tensor_counts=counts, batch=ns.batch, context=ns.context, bandwidth_gbs=ns.bandwidth)
         if shapes is not None:
             info["execution"] = execution_path(target)
+        if ns.tp > 1:
+            from .parallel.explain import explain_split
+
+            info["tensor_parallel"] = explain_split(
+                args, ns.tp, batch=ns.batch or args.max_batch_size, context=ns.context, bandwidth_gbs=ns.bandwidth,
+                interconnect_gbs=ns.interconnect, latency_us=ns.latency_us)
         return info, label
 
     if ns.compare:
         (a, la), (b, lb) = info_for(ns.compare[0]), info_for(ns.compare[1])
         print(json.dumps({la: a, lb: b}, indent=2, default=str) if ns.json else format_compare(a, b, la, lb))
         return 0
+    if ns.tp < 1:
+        raise ValueError(f"--tp must be >= 1, got {ns.tp}")
     info, label = info_for(ns.target)
-    print(json.dumps(info, indent=2, default=str) if ns.json else format_text(info, label))
+    text = format_text(info, label)
+    if "tensor_parallel" in info:
+        from .parallel.explain import format_split
+
+        text += "\n" + format_split(info["tensor_parallel"])
+    print(json.dumps(info, indent=2, default=str) if ns.json else text)
     return 0
 
 
@@ -437,7 +465,8 @@ def cmd_serve(ns) -> int:
               file=sys.stderr)
     serve(ns.model, host=ns.host, port=ns.port, api_key=ns.api_key, max_batch=ns.max_batch, max_queue=ns.max_queue,
           ctx=ns.ctx, cors_origins=ns.cors_origin or None, device=ns.device, dtype=ns.dtype, quantize=ns.quantize,
-          check=ns.check, threads=ns.threads, kv_dtype=ns.kv_dtype, prefill_dtype=ns.prefill_dtype)
+          check=ns.check, threads=ns.threads, kv_dtype=ns.kv_dtype, prefill_dtype=ns.prefill_dtype,
+          load_model=(lambda: _load(ns)) if getattr(ns, "tp_session", None) else None)
     return 0
 
 
@@ -456,6 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default=None, help="the prompt (or '-' / omit to read standard input)")
     _model_args(g)
     _sampling_args(g, max_tokens=256)
+    _tp_args(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="an interactive chat in the model's chat format",
@@ -464,6 +494,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
     _model_args(c)
     _sampling_args(c, max_tokens=1024)
+    _tp_args(c)
     c.set_defaults(func=cmd_chat)
 
     e = sub.add_parser("explain", help="a model's config, explained: derived sizes, parameters, memory, speed",
@@ -481,6 +512,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--context", type=int, default=None, help="KV cache context (default: max_seq_len)")
     e.add_argument("--bandwidth", type=float, default=20.0, metavar="GB/S",
                    help="memory bandwidth for the decode speed limit (default: 20, this machine's)")
+    e.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="show the split over N tensor-parallel ranks: what each holds, reads and sends")
+    e.add_argument("--interconnect", type=float, default=50.0, metavar="GB/S",
+                   help="bandwidth between ranks for --tp (default: 50; NVLink 4 ~450, PCIe 5 x16 ~64)")
+    e.add_argument("--latency-us", type=float, default=10.0, metavar="US",
+                   help="latency of one collective for --tp (default: 10)")
     e.set_defaults(func=cmd_explain)
 
     t = sub.add_parser("trace", help="one forward pass, stage by stage, with shapes and statistics",
@@ -561,6 +598,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default: 64)")
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow browser requests from this origin (repeatable; default: no CORS)")
+    _tp_args(sv)
     sv.set_defaults(func=cmd_serve)
 
     from .evaluate import add_eval_parser, add_perplexity_parser
@@ -600,9 +638,24 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    from .parallel.launch import COMMANDS
+    from .parallel.runtime import world_from_env
+
+    if world_from_env()[1] > 1 or ns.command in COMMANDS and ns.tp != 1:  # tensor parallel: every rank runs this
+        from .parallel.launch import main as parallel_main
+
+        if getattr(ns, "tp", 1) < 1:
+            parser.error(f"--tp must be >= 1, got {ns.tp}")
+        return _run(ns, lambda: parallel_main(ns, sys.argv[1:] if argv is None else list(argv), lambda: _run(ns)))
+    return _run(ns)
+
+
+def _run(ns, command=None) -> int:
     from .tokenizer import TokenizerError
 
     try:
+        if command is not None:
+            return command()
         return ns.func(ns)
     except (ValueError, TokenizerError, OSError) as e:
         print(f"llama3 {ns.command}: error: {_one_line(e)}", file=sys.stderr)

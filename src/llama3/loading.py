@@ -116,7 +116,6 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
     from . import kernels
     from .engine import choose_prefill_dtype
     from .quantize import set_prefill_dtype
-    from .tokenizer import load_tokenizer, tokenizer_from_gguf
     from .weights import checkpoint_bytes, default_model_path, detect_format, load_checkpoint, progress_bar
 
     device = resolve_device(device)
@@ -137,15 +136,7 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
         set_prefill_dtype(model, prefill or getattr(torch, choose_prefill_dtype(device).name))
         del ckpt.state
         bar.set_description_str("building the tokenizer")
-        if ckpt.format == "gguf":
-            tokenizer = tokenizer_from_gguf(ckpt.gguf_metadata, str(ckpt.path))
-            template, source = ckpt.gguf_metadata.get("tokenizer.chat_template"), str(ckpt.path)
-        else:
-            tokenizer = load_tokenizer(ckpt.path)
-            template = getattr(tokenizer, "chat_template", None)
-            source = str(Path(ckpt.path) / "tokenizer_config.json")
-        bar.set_description_str("reading the chat template")
-        chat = chat_format_for(tokenizer, template if isinstance(template, str) else None, source)
+        tokenizer, chat = tokenizer_and_chat(ckpt)
     llm = Llama(ckpt.args, model, tokenizer, chat, str(ckpt.path), ckpt.format, max_context, engine_options)
     llm.sampling_defaults, llm.sampling_defaults_source = model_sampling_defaults(
         ckpt.path, ckpt.gguf_metadata if ckpt.format == "gguf" else None)
@@ -153,13 +144,29 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
     return llm
 
 
-def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device=None, path="<state dict>"):
-    """A Transformer holding ``state``'s tensors, built on the meta device (no double allocation)."""
+def tokenizer_and_chat(ckpt):
+    """The tokenizer and chat format of a checkpoint read by ``weights/`` (from its metadata or folder)."""
+    from .tokenizer import load_tokenizer, tokenizer_from_gguf
+
+    if ckpt.format == "gguf":
+        tokenizer = tokenizer_from_gguf(ckpt.gguf_metadata, str(ckpt.path))
+        template, source = ckpt.gguf_metadata.get("tokenizer.chat_template"), str(ckpt.path)
+    else:
+        tokenizer = load_tokenizer(ckpt.path)
+        template = getattr(tokenizer, "chat_template", None)
+        source = str(Path(ckpt.path) / "tokenizer_config.json")
+    return tokenizer, chat_format_for(tokenizer, template if isinstance(template, str) else None, source)
+
+
+def build_model(args: ModelArgs, state: dict[str, torch.Tensor], device=None, path="<state dict>", model=None):
+    """A Transformer holding ``state``'s tensors, built on the meta device (no double allocation).
+    ``model``: a meta-device model to fill instead (a tensor-parallel rank's, with its shapes)."""
     from .model import Transformer
     from .quantize import QuantTensor, swap_in
 
-    check_state_dict(path, args, state)
-    model = Transformer(args, device="meta")
+    if model is None:
+        check_state_dict(path, args, state)
+        model = Transformer(args, device="meta")
     quantized = {k: v for k, v in state.items() if isinstance(v, QuantTensor)}
     for name, qt in quantized.items():
         swap_in(model, name, qt, dtype=state["norm.weight"].dtype)

@@ -69,14 +69,16 @@ class CacheFull(Exception):
 
 class PagedKVCache:
     def __init__(self, args: ModelArgs, max_tokens: int, *, block_size: int = DEFAULT_BLOCK_SIZE,
-                 dtype: torch.dtype | None = None, device=None, prefix_caching: bool = True):
-        """A pool for ``max_tokens`` positions in all (rounded up to whole blocks)."""
+                 dtype: torch.dtype | None = None, device=None, prefix_caching: bool = True,
+                 kv_heads: int | None = None):
+        """A pool for ``max_tokens`` positions in all (rounded up to whole blocks). ``kv_heads``: the KV heads
+        the model's attention layers produce (a tensor-parallel rank's share; default ``args.kv_heads``)."""
         device = torch.device(device or "cpu")
         self.args, self.block_size, self.device = args, block_size, device
         self.dtype = dtype or torch.float16
         self.n_blocks = max(1, math.ceil(max_tokens / block_size))
         self.prefix_caching = prefix_caching
-        shape = (self.n_blocks, args.n_layers, 2, args.kv_heads, block_size, args.head_dim)
+        shape = (self.n_blocks, args.n_layers, 2, kv_heads or args.kv_heads, block_size, args.head_dim)
         self.block_bytes = math.prod(shape[1:]) * torch.finfo(self.dtype).bits // 8
         self._mm = None
         if device.type == "cpu":  # address space only: a page becomes resident when first written

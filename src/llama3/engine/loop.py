@@ -195,11 +195,12 @@ class Engine:
         self.context = min(context or self.args.max_seq_len, self.args.max_seq_len)
         device = model.norm.weight.device
         kv_dtype = kv_dtype or default_kv_dtype(model)
+        kv_heads = model.layers[0].attention.n_kv_heads  # a tensor-parallel shard holds its share of them
         if cache_tokens is None:
-            per_token = self.args.kv_cache_bytes_per_token(torch.finfo(kv_dtype).bits // 8)
-            cache_tokens = min(max_batch * self.context, memory_budget_bytes(device) // per_token)
+            per_token = self.args.kv_cache_bytes_per_token(torch.finfo(kv_dtype).bits // 8) * kv_heads // self.args.kv_heads
+            cache_tokens = min(max_batch * self.context, memory_budget_bytes(device) // max(per_token, 1))
         self.cache = PagedKVCache(self.args, max(cache_tokens, 1), dtype=kv_dtype, device=device,
-                                  prefix_caching=prefix_caching)
+                                  prefix_caching=prefix_caching, kv_heads=kv_heads)
         self.decoder = make_decoder(decoder, model, self.cache, threads=threads)
         self._ids = itertools.count()
         self._inbox: deque[Request] = deque()

@@ -23,6 +23,8 @@ def choose_decoder(model: Transformer, kv_dtype: torch.dtype | None = None) -> C
     built, no trace attached); ``Transformer.forward`` otherwise, and always on the exact float path."""
     from .cdecoder import CDecoder
 
+    if getattr(model, "tp_session", None) is not None:
+        return Choice("torch", f"Transformer.forward over {model.tp_session.world} ranks (tensor parallel)")
     if model.norm.weight.device.type != "cpu":
         return Choice("torch", f"Transformer.forward on {model.norm.weight.device.type} (the C step is for CPUs)")
     why = CDecoder.why_not(model, kv_dtype)
@@ -53,6 +55,12 @@ def make_decoder(decoder, model: Transformer, cache: PagedKVCache, threads: int 
     if decoder not in ("auto", "c", "torch"):
         raise ValueError(f"unknown decoder {decoder!r}; expected auto, c or torch")
     name = choose_decoder(model, cache.dtype).name if decoder == "auto" else decoder
+    if getattr(model, "tp_session", None) is not None:  # rank 0 of a tensor-parallel run drives every rank
+        if name != "torch":
+            raise ValueError(f"decoder {name!r} is single-process; a tensor-parallel model runs the torch decoder")
+        from ..parallel import ParallelDecoder
+
+        return ParallelDecoder(model, cache, model.tp_session)
     if name == "c":
         return CDecoder(model, cache, threads=threads)
     return TorchDecoder(model, cache)
