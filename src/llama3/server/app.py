@@ -34,7 +34,6 @@ log = logging.getLogger("llama3.server")
 DEFAULT_CHAT_MAX_TOKENS = 4096  # a chat request without max_tokens: min(this, what the context has left)
 PREPARE_SECONDS = 60.0  # one tokenization or template render, waiting for a worker included
 PREPARE_WORKERS = 2
-WATCH_SECONDS = 0.1  # how often a non-streaming request checks that its client is still there
 
 
 # ------------------------------------------------------------------------------ errors
@@ -293,14 +292,26 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
         llm = ready()
         if body.messages:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            _, ids = await state.prepare(llm.chat_prompt, messages, param="messages")
+
+            def ids_of():
+                return llm.chat_prompt(messages)[1]
+            param = "messages"
         else:
             text = body.content if body.content is not None else body.prompt
             if text is None:
                 raise APIError(400, "give 'content' (or 'prompt' or 'messages')", param="content")
-            encode = llm.encode_prompt if body.add_special else llm.tokenizer.encode
-            ids = await state.prepare(encode, text, param="content")
-        return {"tokens": ids, "count": len(ids), "max_model_len": state.scheduler.ctx}
+
+            def ids_of():
+                return llm.encode_prompt(text) if body.add_special else llm.tokenizer.encode(text)
+            param = "content"
+
+        def answer() -> bytes:  # a million ids take ~0.3 s to write as JSON: on the worker, in pieces (one
+            ids = ids_of()     # json.dumps call holds the GIL throughout, which the event loop needs too)
+            pieces = [json.dumps(ids[i:i + 8192])[1:-1] for i in range(0, len(ids), 8192)]
+            return (f'{{"tokens": [{", ".join(pieces)}], "count": {len(ids)}, '
+                    f'"max_model_len": {state.scheduler.ctx}}}').encode()
+
+        return Response(await state.prepare(answer, param=param), media_type="application/json")
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
@@ -391,14 +402,15 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
             return StreamingResponse(_stream(request, kind, rid, created, jobs, logprobs, include_usage, body.n),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         gathered = asyncio.gather(*[_collect(q) for *_, q in jobs])
-        try:
-            while not gathered.done():  # a client that leaves cancels its sequences, as a stream's does
-                await asyncio.wait([gathered], timeout=WATCH_SECONDS)
-                if not gathered.done() and await request.is_disconnected():
-                    gathered.cancel()
-                    return Response(status_code=499)  # nobody reads it; counted as "client closed request"
+        gone = asyncio.create_task(_client_gone(request))
+        try:  # a client that leaves cancels its sequences at once, as a stream's does
+            await asyncio.wait([gathered, gone], return_when=asyncio.FIRST_COMPLETED)
+            if not gathered.done():
+                gathered.cancel()
+                return Response(status_code=499)  # nobody reads it; counted as "client closed request"
             results = gathered.result()
         finally:
+            gone.cancel()
             for _, _, job, _ in jobs:
                 sched.cancel(job)  # a no-op for finished jobs
         choices, completion_tokens = [], 0
@@ -526,6 +538,12 @@ def _usage(prompts, jobs, completion_tokens: int, n: int) -> dict:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (its body was read, so nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _encode_prompts(llm, prompts: list) -> list[list[int]]:
