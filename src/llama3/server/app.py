@@ -407,6 +407,9 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
             await asyncio.wait([gathered, gone], return_when=asyncio.FIRST_COMPLETED)
             if not gathered.done():
                 gathered.cancel()
+                await asyncio.wait([gathered])
+                if not gathered.cancelled():
+                    gathered.exception()  # retrieved, so that asyncio does not log it
                 return Response(status_code=499)  # nobody reads it; counted as "client closed request"
             results = gathered.result()
         finally:
@@ -415,8 +418,9 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                 sched.cancel(job)  # a no-op for finished jobs
         choices, completion_tokens = [], 0
         for (index, p, _, _), (steps, end) in zip(jobs, results):
-            if isinstance(end, Exception):
-                raise APIError(500, f"generation failed: {end}", "server_error")
+            if isinstance(end, Exception):  # the engine failed (the scheduler logged why); not the client's doing
+                log.error("generation failed for %s (request id %s): %s", rid, _request_id(request), end)
+                raise APIError(500, f"generation failed (request id {_request_id(request)}): {end}", "server_error")
             completion_tokens += len(steps)
             text = "".join(s.text for s in steps)
             if echo_prompts is not None:
@@ -469,9 +473,9 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                         yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_id,
                                     "choices": [_chunk(kind, index, None, False, "length")]})
                     elif isinstance(item, Exception):
-                        log.error("generation failed in %s (request id %s): %s", rid,
-                                  request.scope.get("state", {}).get("request_id"), item)
-                        yield _sse(error_body(f"generation failed: {item}", "server_error"))
+                        log.error("generation failed for %s (request id %s): %s", rid, _request_id(request), item)
+                        yield _sse(error_body(f"generation failed (request id {_request_id(request)}): {item}",
+                                              "server_error"))
                     continue
                 counts[index] += 1
                 chunk = _chunk(kind, index, item, logprobs)
@@ -538,6 +542,11 @@ def _usage(prompts, jobs, completion_tokens: int, n: int) -> dict:
 
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _request_id(request: Request) -> str | None:
+    """The id the guard gave this request (logged with any failure; also in the x-request-id header)."""
+    return request.scope.get("state", {}).get("request_id")
 
 
 async def _client_gone(request: Request) -> None:
