@@ -18,10 +18,10 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
-
 from test_server import Server, error_of
 
 TALLY: Counter = Counter()  # answers by class over this module: "2xx", "4xx", "5xx", "dropped"
@@ -55,7 +55,7 @@ def server():
 
 
 def metric(base: str, name: str, headers: dict | None = None) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(base + "/metrics", headers=headers).text, re.M)
+    m = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(base + "/metrics", headers=headers).text, re.MULTILINE)
     return float(m.group(1))
 
 
@@ -107,16 +107,16 @@ BAD_REQUESTS = [
     ("/v1/completions", f'{{"prompt": {SURROGATE}}}', "prompt"),
     ("/v1/completions", f'{{"prompt": ["ok", {SURROGATE}]}}', "prompt"),
     ("/v1/completions", f'{{"prompt": "x", "stop": [{SURROGATE}]}}', "stop"),
-    ("/v1/completions", '{"prompt": "x", "stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", '
-                        '"n", "o", "p", "q"]}', "stop"),
+    ("/v1/completions", json.dumps({"prompt": "x", "stop": list("abcdefghijklmnopq")}), "stop"),  # 17 stops
     ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": {SURROGATE}}}]}}', "messages"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}', "messages"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": null}]}]}',
      "messages"),
     ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text"}]}]}', "messages"),
-    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": '
-                             '{"url": "http://x"}}]}]}', "messages"),
-    ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": [{{"type": "text", "text": {SURROGATE}}}]}}]}}',
+    ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}), "messages"),
+    ("/v1/chat/completions",
+     f'{{"messages": [{{"role": "user", "content": [{{"type": "text", "text": {SURROGATE}}}]}}]}}',
      "messages"),
     ("/tokenize", f'{{"content": {SURROGATE}}}', "content"),
     ("/tokenize", f'{{"messages": [{{"role": "user", "content": {SURROGATE}}}]}}', "messages"),
@@ -170,7 +170,7 @@ def post_elsewhere(url: str, body: dict, timeout: float = 120) -> tuple[int, dic
             "headers={'content-type': 'application/json'}); a = r.json(); a.pop('tokens', None); "
             "print(json.dumps([r.status_code, a]))")
     done = subprocess.run([sys.executable, "-c", code, url], input=json.dumps(body).encode(), capture_output=True,
-                          timeout=timeout)
+                          timeout=timeout, check=True)
     status, answer = json.loads(done.stdout)
     return tally(status), answer
 
@@ -191,7 +191,7 @@ def test_health_answers_while_a_4mb_prompt_is_tokenized(server):
     text = "The quick brown fox jumps over the lazy dog. " * (4_000_000 // 45)  # ~4 MB, ~900k tokens
     for path, body in (("/v1/completions", {"prompt": text}), ("/tokenize", {"content": text})):
         start = time.perf_counter()
-        (status, answer), latencies = while_busy(server.base, lambda: post_elsewhere(server.base + path, body))
+        (status, answer), latencies = while_busy(server.base, lambda p=path, b=body: post_elsewhere(server.base + p, b))
         took = time.perf_counter() - start
         if path == "/tokenize":
             assert status == 200 and answer["count"] > 800_000
@@ -206,13 +206,13 @@ def slow_template_gguf(tmp_path_factory):
     before writing the same ChatML: patched in place, at the same length, in a copy."""
     from helpers import smollm2_path
 
-    data = bytearray(open(smollm2_path(), "rb").read())
+    data = bytearray(Path(smollm2_path()).read_bytes())
     old = b"{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     at = data.index(old)
     length = int.from_bytes(data[at - 8:at], "little")
-    new = ("{% for i in range(2000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}"
-           "{% for m in messages %}{{'<|im_start|>'+m['role']+'\\n'+m['content']+'<|im_end|>\\n'}}{% endfor %}"
-           "{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}").encode()
+    new = (b"{% for i in range(2000) %}{% for j in range(1000) %}{% endfor %}{% endfor %}"
+           b"{% for m in messages %}{{'<|im_start|>'+m['role']+'\\n'+m['content']+'<|im_end|>\\n'}}{% endfor %}"
+           b"{% if add_generation_prompt %}{{'<|im_start|>assistant\\n'}}{% endif %}")
     new += b"{#" + b" " * (length - len(new) - 4) + b"#}"
     assert len(new) == length
     data[at:at + length] = new
@@ -460,9 +460,9 @@ def rss_mb(pid: int) -> float:
 
 
 def test_rss_after_1000_small_requests(server):
-    """1,000 small requests of every kind (1 in 10 generates a token, a completion or a chat reply). The KV cache's pages become resident
-    as its blocks are first used (bounded by the cache's size, reported by /metrics); everything else
-    together may grow by OTHER_GROWTH_MB."""
+    """1,000 small requests of every kind (1 in 10 generates a token, a completion or a chat reply). The
+    KV cache's pages become resident as its blocks are first used (bounded by the cache's size, reported
+    by /metrics); everything else together may grow by OTHER_GROWTH_MB."""
     def requests(count):
         async def one(c, i):
             kind, url = i % 10, server.base
@@ -514,7 +514,7 @@ def test_greedy_outputs_unchanged_after_the_abuse_and_no_5xx(server):
     assert httpx.get(server.base + "/health").status_code == 200
     served = Counter()  # what the server itself counted, by class (/health's 503s: while it loaded)
     for endpoint, status, n in re.findall(r'^llama3_requests_total\{endpoint="([^"]+)",status="(\d+)"\} (\d+)$',
-                                          httpx.get(server.base + "/metrics").text, re.M):
+                                          httpx.get(server.base + "/metrics").text, re.MULTILINE):
         served["503 /health" if (endpoint, status) == ("/health", "503") else f"{status[0]}xx"] += int(n)
     print(f"fault suite: {sum(v for k, v in TALLY.items() if k != 'dropped')} answers, {TALLY['dropped']} clients "
           f"that left on purpose: {dict(TALLY)}; the main server counted {dict(served)}")

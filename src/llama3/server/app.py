@@ -27,7 +27,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..sampling import SamplingParams
-from .guard import MAX_BODY_BYTES, Guard, error_body
+from .guard import Guard, error_body
 from .scheduler import ENDED, Job, Metrics, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger("llama3.server")
