@@ -121,6 +121,8 @@ BAD_REQUESTS = [
     ("/tokenize", f'{{"content": {SURROGATE}}}', "content"),
     ("/tokenize", f'{{"messages": [{{"role": "user", "content": {SURROGATE}}}]}}', "messages"),
     ("/detokenize", '{"tokens": [9223372036854775808]}', "tokens"),
+    ("/detokenize", '{"tokens": [true, 5]}', "tokens"),
+    ("/v1/completions", '{"prompt": [1, 5.0]}', "prompt"),
     ("/v1/completions", "[" * 100_000 + "]" * 100_000, None),  # json.loads: RecursionError
 ]
 
@@ -131,7 +133,7 @@ def test_client_mistakes_are_400_naming_the_field(server, path, body, param):
     tally(r.status_code)
     e = error_of(r, 400, "invalid_request_error")
     if param:
-        assert e["param"].split(".")[0] == param, e
+        assert e["param"] == param or e["param"].startswith(param + "."), e
     assert re.fullmatch(r"req-[0-9a-f]{24}", r.headers["x-request-id"])
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -23,7 +24,7 @@ from typing import Annotated, Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..sampling import SamplingParams
@@ -31,6 +32,7 @@ from .guard import Guard, error_body
 from .scheduler import ENDED, Job, Metrics, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger("llama3.server")
+_UNION_TAG = re.compile(r"\[|^(str|int|float|bool|none|list|dict)$")
 DEFAULT_CHAT_MAX_TOKENS = 4096  # a chat request without max_tokens: min(this, what the context has left)
 PREPARE_SECONDS = 60.0  # one tokenization or template render, waiting for a worker included
 PREPARE_WORKERS = 2
@@ -112,7 +114,7 @@ class ChatRequest(_Base):
 
 
 class CompletionRequest(_Base):
-    prompt: Text | list[Text] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]  # ids: not true, not 5.0
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
 
@@ -133,7 +135,7 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    tokens: list[int]
+    tokens: list[StrictInt]
 
 
 # ------------------------------------------------------------------------------ the app
@@ -235,12 +237,15 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {}
+        def path(err) -> list[str]:  # the field's path, without pydantic's names for union members ("str", ...)
+            return [str(x) for x in err.get("loc", []) if x != "body" and not _UNION_TAG.search(str(x))]
+
+        # a value no member of a union accepts fails once per member: report the one that got deepest
+        err = max(e.errors(), key=lambda err: len(path(err)), default={})
         if err.get("type") == "json_invalid":
             return JSONResponse(error_body(f"the request body is not valid JSON: {err.get('ctx', {}).get('error', '')}",
                                            "invalid_request_error", None, "invalid_json"), status_code=400)
-        loc = [str(x) for x in err.get("loc", []) if x != "body"]
-        param = ".".join(loc) or None
+        param = ".".join(path(err)) or None
         message = err.get("msg", "invalid request")
         return JSONResponse(error_body(f"{param + ': ' if param else ''}{message}", "invalid_request_error", param,
                                        "invalid_value"), status_code=400)
