@@ -421,19 +421,24 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
             gone.cancel()
             for _, _, job, _ in jobs:
                 sched.cancel(job)  # a no-op for finished jobs
-        choices, completion_tokens = [], 0
-        for (index, p, _, _), (steps, end) in zip(jobs, results):
-            if isinstance(end, Exception):  # the engine failed (the scheduler logged why); not the client's doing
-                log.error("generation failed for %s (request id %s): %s", rid, _request_id(request), end)
-                raise APIError(500, f"generation failed (request id {_request_id(request)}): {end}", "server_error")
-            completion_tokens += len(steps)
-            text = "".join(s.text for s in steps)
-            if echo_prompts is not None:
-                text = state.llm.tokenizer.decode(p) + text
-            reason = steps[-1].finish_reason if steps and end is None else "length"
-            choices.append(_choice(kind, index, text, reason, steps if logprobs else None))
-        return {"id": rid, "object": kind, "created": created, "model": state.model_id, "choices": choices,
-                "usage": _usage(prompts, jobs, completion_tokens, body.n)}
+        failed = next((end for _, end in results if isinstance(end, Exception)), None)
+        if failed is not None:  # the engine failed (the scheduler logged why); not the client's doing
+            log.error("generation failed for %s (request id %s): %s", rid, _request_id(request), failed)
+            raise APIError(500, f"generation failed (request id {_request_id(request)}): {failed}", "server_error")
+
+        def answer() -> dict:  # echoed prompts and logprobs decode up to 21 tokens a step: on a worker
+            choices = []
+            for (index, p, _, _), (steps, end) in zip(jobs, results):
+                text = "".join(s.text for s in steps)
+                if echo_prompts is not None:
+                    text = state.llm.tokenizer.decode(p) + text
+                reason = steps[-1].finish_reason if steps and end is None else "length"
+                choices.append(_choice(kind, index, text, reason, steps if logprobs else None))
+            completion_tokens = sum(len(steps) for steps, _ in results)
+            return {"id": rid, "object": kind, "created": created, "model": state.model_id, "choices": choices,
+                    "usage": _usage(prompts, jobs, completion_tokens, body.n)}
+
+        return await state.prepare(answer)
 
     async def _collect(q: asyncio.Queue):
         """(steps, end): end is None when the sequence finished, ENDED when the server ended it early
