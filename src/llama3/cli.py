@@ -460,13 +460,15 @@ def cmd_serve(ns) -> int:
     for name, value in (("--max-batch", ns.max_batch), ("--max-queue", ns.max_queue), ("--port", ns.port)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 <= ns.shutdown_grace <= 3600:
+        raise ValueError(f"--shutdown-grace must be in [0, 3600] seconds, got {ns.shutdown_grace}")
     if ns.model is None:
         print("serving the embedded default model SmolLM2-135M-Instruct (give --model PATH for another)",
               file=sys.stderr)
     serve(ns.model, host=ns.host, port=ns.port, api_key=ns.api_key, max_batch=ns.max_batch, max_queue=ns.max_queue,
           ctx=ns.ctx, cors_origins=ns.cors_origin or None, device=ns.device, dtype=ns.dtype, quantize=ns.quantize,
           check=ns.check, threads=ns.threads, kv_dtype=ns.kv_dtype, prefill_dtype=ns.prefill_dtype,
-          load_model=(lambda: _load(ns)) if getattr(ns, "tp_session", None) else None)
+          shutdown_grace=ns.shutdown_grace, load_model=(lambda: _load(ns)) if getattr(ns, "tp_session", None) else None)
     return 0
 
 
@@ -582,7 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching",
                         description="Serve the model over OpenAI's API: /v1/chat/completions, /v1/completions "
-                                    "(streaming or not), /v1/models, /health, /metrics, /tokenize, /detokenize.",
+                                    "(streaming or not), /v1/models, /health, /metrics, /tokenize, /detokenize. "
+                                    "A chat request without max_tokens generates at most 4096 tokens (or what "
+                                    "the context has left); a completion, 16 (as OpenAI's).",
                         epilog="examples:\n  llama3 serve\n  llama3 serve --port 8080 --api-key secret\n"
                                "  llama3 serve --model ./Llama-3.2-1B-Instruct --max-batch 4 --ctx 4096\n\n"
                                "then:\n  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: "
@@ -596,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (/health stays open)")
     sv.add_argument("--max-batch", type=int, default=8, help="sequences decoded together (default: 8)")
     sv.add_argument("--max-queue", type=int, default=64, help="requests waiting before 429 (default: 64)")
+    sv.add_argument("--shutdown-grace", type=float, default=30.0, metavar="SECONDS",
+                    help="on SIGTERM, let requests in flight finish for this long, then end them with a final "
+                         "event (default: 30; SIGINT: at most 1)")
     sv.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                     help="allow browser requests from this origin (repeatable; default: no CORS)")
     _tp_args(sv)

@@ -13,6 +13,11 @@ Sampling fields a request leaves out take the model's defaults (``llm.sampling_d
 ``generation_config.json`` or GGUF ``general.sampling.*``), else the project's (llama.cpp's:
 temperature 0.8, top_k 40, top_p 0.95, min_p 0.05), not OpenAI's temperature 1 and top_p 1, under
 which small models ramble. ``sampling_defaults`` below is the one place that decides.
+
+The event loop only parses, routes and streams: tokenizing and template rendering run in a small pool of
+worker threads (``State.prepare``, each call within ``PREPARE_SECONDS``), generation on the scheduler's
+thread. So /health and /metrics answer at once whatever a request asks for, a client that leaves (streaming
+or not) frees its slot at the next engine step, and shutdown drains (``State.drain``).
 """
 
 from __future__ import annotations
@@ -21,16 +26,18 @@ import asyncio
 import base64
 import json
 import logging
+import re
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping
+from typing import Annotated, Any, Callable, Literal, Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..embeddings import embed
@@ -39,11 +46,15 @@ from ..sampling import SamplingParams
 from ..structured import GrammarConstraint, GrammarError
 from ..tools import (ToolCallParser, check_tool_choice, check_tools, parse_tool_calls, render_tools_prompt,
                      tool_call_constraint)
-from .scheduler import Job, Metrics, QueueFull, Scheduler
+from .guard import Guard, error_body
+from .scheduler import ENDED, Job, Metrics, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger("llama3.server")
-MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit per request
+_UNION_TAG = re.compile(r"\[|^(str|int|float|bool|none|list|dict)$")
+DEFAULT_CHAT_MAX_TOKENS = 4096  # a chat request without max_tokens: min(this, what the context has left)
+PREPARE_SECONDS = 60.0  # one tokenization or template render, waiting for a worker included
+PREPARE_WORKERS = 2
 
 
 # ------------------------------------------------------------------------------ errors
@@ -54,15 +65,34 @@ class APIError(Exception):
         self.headers = headers or {}
 
 
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
 def error_response(e: APIError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
 
 
 # ------------------------------------------------------------------------------ requests
+def _valid_unicode(text: str) -> str:
+    """JSON may spell a lone surrogate (\\ud800), which no tokenizer can encode: refuse it here."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError(f"the text holds a lone surrogate {text[e.start]!r} at character {e.start}, "
+                             "which is not valid Unicode") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+StopText = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_valid_unicode)]
+
+
+class TextPart(BaseModel):
+    """An OpenAI content part; these models read text only."""
+
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: Text
+
+
 class _Base(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -73,8 +103,8 @@ class _Base(BaseModel):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=0)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**64 - 1)  # what torch.Generator takes
+    stop: StopText | list[StopText] | None = Field(default=None, max_length=16)
     n: int = Field(default=1, ge=1, le=16)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -93,11 +123,11 @@ class _Base(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "tool", "ipython", "developer"]
-    content: str | list[dict[str, Any]] | None = ""
+    content: Text | list[TextPart] | None = ""
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # OpenAI content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):  # OpenAI content parts, joined
+            return "".join(p.text for p in self.content)
         return self.content or ""
 
 
@@ -112,7 +142,7 @@ class ChatRequest(_Base):
 
 
 class CompletionRequest(_Base):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]  # ids: not true, not 5.0
     max_tokens: int | None = Field(default=None, ge=0)  # 0 only with echo: score the prompt, generate nothing
     logprobs: int | None = Field(default=None, ge=0, le=20)
     echo: bool = False
@@ -126,8 +156,8 @@ class CompletionRequest(_Base):
 
 class TokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    content: str | None = None
-    prompt: str | None = None
+    content: Text | None = None
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = None
     add_special: bool = False
     add_special_tokens: bool | None = None  # vLLM's name for add_special (lm-evaluation-harness sends it)
@@ -135,7 +165,7 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
-    tokens: list[int]
+    tokens: list[StrictInt]
 
 
 class EmbeddingRequest(BaseModel):
@@ -163,11 +193,52 @@ class State:
         self.error: str | None = None
         self.metrics = Metrics()
         self.embed_lock = asyncio.Lock()
+        self.draining = False  # shutting down: new requests get 503
+        self.guard: Guard | None = None
+        self.pool = ThreadPoolExecutor(PREPARE_WORKERS, thread_name_prefix="llama3-prepare")
+
+    async def prepare(self, fn, *args, param: str | None = None):
+        """``fn(*args)`` on a worker thread, off the event loop, within ``PREPARE_SECONDS``. A ValueError
+        (ChatTemplateError, TokenizerError, a bad id) is the request's fault: a 400 naming ``param``."""
+        future = self.pool.submit(fn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), PREPARE_SECONDS)
+        except ValueError as e:
+            raise APIError(400, str(e), param=param) from None
+        except asyncio.TimeoutError:
+            future.cancel()  # if it has not started; a running tokenizer call cannot be interrupted
+            raise APIError(503, f"preparing the request took more than {PREPARE_SECONDS:.0f} s; the server is "
+                                "overloaded", "service_unavailable", code="prepare_timeout",
+                           headers={"Retry-After": "5"}) from None
+
+    async def drain(self, grace: float) -> None:
+        """Graceful shutdown: admit nothing more (503), let the requests in flight finish for ``grace``
+        seconds, then end the rest with a final event (finish_reason "length") and wait for their answers
+        to be sent."""
+        self.draining = True
+        log.info("shutting down: draining requests in flight for up to %.1f s", grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._busy() and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.scheduler is not None:
+            ended = self.scheduler.end_all()
+            if ended:
+                log.info("shutting down: ended %d sequences still generating", ended)
+        deadline = loop.time() + 5.0  # their final chunks and responses, sent
+        while self._busy() and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+            if self.scheduler is not None:
+                self.scheduler.end_all()  # one admitted while the first call ran
+
+    def _busy(self) -> bool:
+        return bool(self.guard and self.guard.inflight)
 
 
 def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64,
                ctx: int | None = None, cors_origins: list[str] | None = None, background: bool = True) -> FastAPI:
-    """``load_model()`` returns a Llama; it runs in a thread so /health answers 503 meanwhile."""
+    """``load_model()`` returns a Llama; it runs in a thread so /health answers 503 meanwhile.
+    ``app.state.llama3.drain(grace)`` shuts the server down gracefully (``serve`` calls it on SIGTERM)."""
     app = FastAPI(title="llama3", docs_url=None, redoc_url=None)
     state = State()
     app.state.llama3 = state
@@ -197,23 +268,15 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
     def _shutdown():
         if state.scheduler:
             state.scheduler.stop()
+        state.pool.shutdown(wait=False, cancel_futures=True)
 
-    # ---------------------------------------------------------------- middleware
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            return _counted(state, path, error_response(APIError(
-                413, f"request body of {length} bytes exceeds the limit of {MAX_BODY_BYTES}", code="body_too_large")))
-        if api_key and path not in ("/health",) and request.method != "OPTIONS":
-            auth = request.headers.get("authorization", "")
-            if auth != f"Bearer {api_key}":
-                return _counted(state, path, error_response(APIError(
-                    401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
-                    "authentication_error", code="invalid_api_key")))
-        response = await call_next(request)
-        return _counted(state, path, response)
+    # ---------------------------------------------------------------- the guard and errors
+    def make_guard(inner):
+        state.guard = Guard(inner, api_key=api_key, gate=lambda: not state.draining,
+                            count=state.metrics.count_request)
+        return state.guard
+
+    app.add_middleware(make_guard)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
@@ -221,26 +284,29 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, e: RequestValidationError):
-        err = e.errors()[0] if e.errors() else {}
+        def path(err) -> list[str]:  # the field's path, without pydantic's names for union members ("str", ...)
+            return [str(x) for x in err.get("loc", []) if x != "body" and not _UNION_TAG.search(str(x))]
+
+        # a value no member of a union accepts fails once per member: report the one that got deepest
+        err = max(e.errors(), key=lambda err: len(path(err)), default={})
         if err.get("type") == "json_invalid":
             return JSONResponse(error_body(f"the request body is not valid JSON: {err.get('ctx', {}).get('error', '')}",
                                            "invalid_request_error", None, "invalid_json"), status_code=400)
-        loc = [str(x) for x in err.get("loc", []) if x != "body"]
-        param = ".".join(loc) or None
+        param = ".".join(path(err)) or None
         message = err.get("msg", "invalid request")
         return JSONResponse(error_body(f"{param + ': ' if param else ''}{message}", "invalid_request_error", param,
                                        "invalid_value"), status_code=400)
+
+    @app.exception_handler(RecursionError)
+    async def _nested(request, e: RecursionError):  # json.loads on [[[[...]]]]: the body's fault
+        return JSONResponse(error_body("the request body nests too deeply", "invalid_request_error", None,
+                                       "invalid_json"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
         type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
         message = f"unknown route {request.method} {request.url.path}" if e.status_code == 404 else str(e.detail)
         return JSONResponse(error_body(message, type_, None, None), status_code=e.status_code)
-
-    @app.exception_handler(Exception)
-    async def _internal(request, e: Exception):
-        log.exception("internal error")
-        return JSONResponse(error_body(f"internal error: {type(e).__name__}", "server_error"), status_code=500)
 
     def ready():
         if state.llm is None:
@@ -255,14 +321,16 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
 
     # ---------------------------------------------------------------- endpoints
     @app.get("/health")
-    def health():
+    async def health():
+        if state.draining:
+            return JSONResponse({"status": "shutting_down"}, status_code=503, headers={"Retry-After": "5"})
         if state.llm is None:
             status = "error" if state.error else "loading"
             return JSONResponse({"status": status, "error": state.error}, status_code=503)
         return {"status": "ok", "model": state.model_id}
 
     @app.get("/metrics")
-    def metrics():
+    async def metrics():
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -316,26 +384,36 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                 "chat_template": getattr(llm.chat_format, "template_text", None)}
 
     @app.post("/tokenize")
-    def tokenize(body: TokenizeRequest):
+    async def tokenize(body: TokenizeRequest):
         llm = ready()
         if body.messages:
-            _, ids = llm.chat_prompt([{"role": m.role, "content": m.text()} for m in body.messages])
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+
+            def ids_of():
+                return llm.chat_prompt(messages)[1]
+            param = "messages"
         else:
             text = body.content if body.content is not None else body.prompt
             if text is None:
                 raise APIError(400, "give 'content' (or 'prompt' or 'messages')", param="content")
             special = body.add_special if body.add_special_tokens is None else body.add_special_tokens
-            ids = llm.encode_prompt(text) if special else llm.tokenizer.encode(text)
-        return {"tokens": ids, "count": len(ids), "max_model_len": state.scheduler.ctx}
+
+            def ids_of():
+                return llm.encode_prompt(text) if special else llm.tokenizer.encode(text)
+            param = "content"
+
+        def answer() -> bytes:  # a million ids take ~0.3 s to write as JSON: on the worker, in pieces (one
+            ids = ids_of()     # json.dumps call holds the GIL throughout, which the event loop needs too)
+            pieces = [json.dumps(ids[i:i + 8192])[1:-1] for i in range(0, len(ids), 8192)]
+            return (f'{{"tokens": [{", ".join(pieces)}], "count": {len(ids)}, '
+                    f'"max_model_len": {state.scheduler.ctx}}}').encode()
+
+        return Response(await state.prepare(answer, param=param), media_type="application/json")
 
     @app.post("/detokenize")
-    def detokenize(body: DetokenizeRequest):
+    async def detokenize(body: DetokenizeRequest):
         llm = ready()
-        bad = [t for t in body.tokens if not 0 <= t < llm.tokenizer.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {llm.tokenizer.vocab_size})",
-                           param="tokens")
-        text = llm.tokenizer.decode(body.tokens)
+        text = await state.prepare(_decode_ids, llm, body.tokens, param="tokens")
         return {"content": text, "prompt": text}  # "prompt": vLLM's name (lm-evaluation-harness reads it)
 
     @app.post("/v1/chat/completions")
@@ -347,15 +425,15 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
             raise APIError(400, "this model has no chat template; use /v1/completions", param="messages")
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]
-        try:
+        def prompt_ids() -> list[int]:  # tools change the prompt (and a bad tool is a 400 naming it)
             ids = _tools_prompt(llm, body)
-            if ids is None:
-                _, ids = llm.chat_prompt(messages)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+            return ids if ids is not None else llm.chat_prompt(messages)[1]
+
+        ids = await state.prepare(prompt_ids, param="messages")
         top = body.top_logprobs if body.logprobs else None
-        params = _params(body, body.max_completion_tokens or body.max_tokens, top or 0)
-        extras = Extras(await asyncio.to_thread(_processors_for, body, llm), tools=_parses_tool_calls(body))
+        max_tokens = body.max_completion_tokens or body.max_tokens or DEFAULT_CHAT_MAX_TOKENS
+        params = _params(body, max_tokens, top or 0)
+        extras = Extras(await state.prepare(_processors_for, body, llm), tools=_parses_tool_calls(body))
         return await _serve(request, "chat.completion", [ids], params, body, logprobs=body.logprobs, extras=extras)
 
     @app.post("/v1/completions")
@@ -364,23 +442,18 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
         check_model(body.model)
         _log_unknown(body, "/v1/completions")
         prompts = _prompts(body.prompt)
-        ids = []
-        for p in prompts:
-            try:
-                ids.append(llm.encode_prompt(p))
-            except ValueError as e:
-                raise APIError(400, str(e), param="prompt") from None
+        ids = await state.prepare(_encode_prompts, llm, prompts, param="prompt")
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens must be >= 1 (0 only with echo, to score the prompt)", param="max_tokens")
         params = _params(body, body.max_tokens if body.max_tokens is not None else 16, body.logprobs or 0)
         scored = body.logprobs if body.echo and body.logprobs is not None else None
-        extras = Extras(await asyncio.to_thread(_processors_for, body, llm), prompt_logprobs=scored,
+        extras = Extras(await state.prepare(_processors_for, body, llm), prompt_logprobs=scored,
                         generate=body.max_tokens != 0)
         return await _serve(request, "text_completion", ids, params, body, logprobs=body.logprobs is not None,
                             echo_prompts=prompts if body.echo else None, extras=extras)
 
     # ---------------------------------------------------------------- generation
-    def _params(body: _Base, max_tokens: int | None, top: int) -> SamplingParams:
+    def _params(body: _Base, max_tokens: int, top: int) -> SamplingParams:
         stop = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         knobs = sampling_knobs(body, state.llm)
         try:
@@ -402,12 +475,18 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                 raise APIError(400, f"the prompt has {len(p)} tokens, but the context holds {sched.ctx} "
                                     "(including at least one new token)", param="messages" if kind ==
                                "chat.completion" else "prompt", code="context_length_exceeded")
+        if len(prompts) * body.n > sched.max_queue:  # could never be admitted: not a 429 to retry
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} asks for {len(prompts) * body.n} sequences, "
+                                f"more than this server queues at once (--max-queue {sched.max_queue})",
+                           param="n", code="too_many_sequences")
         loop = asyncio.get_running_loop()
         jobs = []
         for i, p in enumerate(prompts):
             for j in range(body.n):
                 q: asyncio.Queue = asyncio.Queue()
-                seed = params.seed + j if params.seed is not None and body.n > 1 else params.seed
+                seed = params.seed
+                if seed is not None and body.n > 1:  # choice j: seed + j, wrapped into torch's 64 bits
+                    seed = seed + j if seed + j < 2**64 else seed + j - 2**64
                 job_params = SamplingParams(**{**params.__dict__, "seed": seed,
                                                "max_new_tokens": min(params.max_new_tokens, sched.ctx - len(p))})
                 job = Job(p, job_params, lambda item, q=q: loop.call_soon_threadsafe(q.put_nowait, item),
@@ -417,9 +496,12 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
         try:
             for _, _, job, _ in jobs:
                 sched.submit(job)
-        except QueueFull:
+        except (QueueFull, ShuttingDown) as e:
             for _, _, job, _ in jobs:
-                job.cancelled.set()
+                sched.cancel(job)
+            if isinstance(e, ShuttingDown):
+                raise APIError(503, "the server is shutting down", "service_unavailable", code="shutting_down",
+                               headers={"Retry-After": "5"}) from None
             raise APIError(429, f"the server is busy: {sched.max_queue} requests are already waiting; retry later",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         rid = ("chatcmpl-" if kind == "chat.completion" else "cmpl-") + uuid.uuid4().hex[:24]
@@ -429,36 +511,51 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
             return StreamingResponse(_stream(request, kind, rid, created, jobs, logprobs, include_usage, body.n,
                                              extras, echo_prompts is not None),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            results = await asyncio.gather(*[_collect(q) for *_, q in jobs])
-        except asyncio.CancelledError:
+        gathered = asyncio.gather(*[_collect(q) for *_, q in jobs])
+        gone = asyncio.create_task(_client_gone(request))
+        try:  # a client that leaves cancels its sequences at once, as a stream's does
+            await asyncio.wait([gathered, gone], return_when=asyncio.FIRST_COMPLETED)
+            if not gathered.done():
+                gathered.cancel()
+                await asyncio.wait([gathered])
+                if not gathered.cancelled():
+                    gathered.exception()  # retrieved, so that asyncio does not log it
+                return Response(status_code=499)  # nobody reads it; counted as "client closed request"
+            results = gathered.result()
+        finally:
+            gone.cancel()
             for _, _, job, _ in jobs:
-                job.cancelled.set()
-            raise
-        choices, completion_tokens = [], 0
-        for (index, p, job, _), (steps, error) in zip(jobs, results):
-            if error is not None:
-                raise APIError(500, f"generation failed: {error}", "server_error")
-            reason = steps[-1].finish_reason if steps else "length"
-            steps = [s for s in steps if s.token_id >= 0]  # a score-only request ends with a Step holding no token
-            completion_tokens += len(steps)
-            text = "".join(s.text for s in steps)
-            if echo_prompts is not None:
-                text = state.llm.tokenizer.decode(p) + text
-            choice = _choice(kind, index, text, reason, steps if logprobs else None)
-            if echo_prompts is not None and logprobs:
-                choice["logprobs"] = completion_logprobs(state.llm.tokenizer, steps, p, job.request.prompt_scores)
-            choices.append(_with_tool_calls(choice) if extras.tools else choice)
-        return {"id": rid, "object": kind, "created": created, "model": state.model_id, "choices": choices,
-                "usage": _usage(prompts, jobs, completion_tokens, body.n)}
+                sched.cancel(job)  # a no-op for finished jobs
+        failed = next((end for _, end in results if isinstance(end, Exception)), None)
+        if failed is not None:  # the engine failed (the scheduler logged why); not the client's doing
+            log.error("generation failed for %s (request id %s): %s", rid, _request_id(request), failed)
+            raise APIError(500, f"generation failed (request id {_request_id(request)}): {failed}", "server_error")
+
+        def answer() -> dict:  # echoed prompts and logprobs decode up to 21 tokens a step: on a worker
+            choices, completion_tokens = [], 0
+            for (index, p, job, _), (steps, end) in zip(jobs, results):
+                reason = steps[-1].finish_reason if steps and end is None else "length"
+                steps = [s for s in steps if s.token_id >= 0]  # a score-only request ends with a Step holding no token
+                completion_tokens += len(steps)
+                text = "".join(s.text for s in steps)
+                if echo_prompts is not None:
+                    text = state.llm.tokenizer.decode(p) + text
+                choice = _choice(kind, index, text, reason, steps if logprobs else None)
+                if echo_prompts is not None and logprobs:
+                    choice["logprobs"] = completion_logprobs(state.llm.tokenizer, steps, p, job.request.prompt_scores)
+                choices.append(_with_tool_calls(choice) if extras.tools else choice)
+            return {"id": rid, "object": kind, "created": created, "model": state.model_id, "choices": choices,
+                    "usage": _usage(prompts, jobs, completion_tokens, body.n)}
+
+        return await state.prepare(answer)
 
     async def _collect(q: asyncio.Queue):
+        """(steps, end): end is None when the sequence finished, ENDED when the server ended it early
+        (shutdown), or the engine's exception."""
         steps = []
         while True:
             item = await q.get()
-            if item is None:
-                return steps, None
-            if isinstance(item, Exception):
+            if item is None or item is ENDED or isinstance(item, Exception):
                 return steps, item
             steps.append(item)
 
@@ -473,7 +570,7 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
             while True:
                 item = await q.get()
                 await merged.put((index, item))
-                if item is None or isinstance(item, Exception):
+                if item is None or item is ENDED or isinstance(item, Exception):
                     return
 
         tasks = [asyncio.create_task(pump(index, q)) for index, _, _, q in jobs]
@@ -492,10 +589,15 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                     if await request.is_disconnected():
                         raise asyncio.CancelledError() from None
                     continue
-                if item is None or isinstance(item, Exception):
+                if item is None or item is ENDED or isinstance(item, Exception):
                     open_jobs -= 1
-                    if isinstance(item, Exception):
-                        yield _sse(error_body(f"generation failed: {item}", "server_error"))
+                    if item is ENDED:  # shutdown: a proper last chunk for this choice
+                        yield _sse({"id": rid, "object": obj, "created": created, "model": state.model_id,
+                                    "choices": [_chunk(kind, index, None, False, "length")]})
+                    elif isinstance(item, Exception):
+                        log.error("generation failed for %s (request id %s): %s", rid, _request_id(request), item)
+                        yield _sse(error_body(f"generation failed (request id {_request_id(request)}): {item}",
+                                              "server_error"))
                     continue
                 counts[index] += item.token_id >= 0  # a score-only request's last Step holds no token
                 for chunk in shapers[index].chunks(item):
@@ -508,7 +610,7 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): free every slot still held
             for _, _, job, _ in jobs:
-                job.cancelled.set()
+                state.scheduler.cancel(job)
             for t in tasks:
                 t.cancel()
 
@@ -519,12 +621,14 @@ def create_app(load_model, *, api_key: str | None = None, max_batch: int = 8, ma
                     "finish_reason": reason}
         return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 
-    def _chunk(kind, index, step, logprobs):
-        lp = _logprobs(kind, [step]) if logprobs and step.text is not None else None
+    def _chunk(kind, index, step, logprobs, reason=None):
+        """One choice of a stream chunk: a Step, or (step None) an empty last one with ``reason``."""
+        text, reason = (step.text, step.finish_reason) if step is not None else ("", reason)
+        lp = _logprobs(kind, [step]) if logprobs and step is not None and step.text is not None else None
         if kind == "chat.completion":
-            return {"index": index, "delta": {"content": step.text} if step.text else {}, "logprobs": lp,
-                    "finish_reason": step.finish_reason}
-        return {"index": index, "text": step.text, "logprobs": lp, "finish_reason": step.finish_reason}
+            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": lp,
+                    "finish_reason": reason}
+        return {"index": index, "text": text, "logprobs": lp, "finish_reason": reason}
 
     def _logprobs(kind, steps):
         dec = state.llm.tokenizer.decode
@@ -759,11 +863,37 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def _counted(state: State, path: str, response):
-    endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics",
-                                "/tokenize", "/detokenize", "/v1/embeddings") else "other"
-    state.metrics.count_request(endpoint, response.status_code)
-    return response
+def _request_id(request: Request) -> str | None:
+    """The id the guard gave this request (logged with any failure; also in the x-request-id header)."""
+    return request.scope.get("state", {}).get("request_id")
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (its body was read, so nothing else can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _encode_prompts(llm, prompts: list) -> list[list[int]]:
+    """Token ids for each prompt (text or ids); ids must lie in the vocabulary (ValueError otherwise)."""
+    vocab = min(llm.tokenizer.vocab_size, llm.model.args.vocab_size)
+    out = []
+    for p in prompts:
+        if isinstance(p, str):
+            out.append(llm.encode_prompt(p))
+            continue
+        bad = next((t for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        out.append(list(p))
+    return out
+
+
+def _decode_ids(llm, ids: list[int]) -> str:
+    bad = next((t for t in ids if not 0 <= t < llm.tokenizer.vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {llm.tokenizer.vocab_size})")
+    return llm.tokenizer.decode(ids)
 
 
 def _log_unknown(body: BaseModel, endpoint: str) -> None:

@@ -26,11 +26,25 @@ class QueueFull(Exception):
     """More requests are waiting than --max-queue allows."""
 
 
+class ShuttingDown(Exception):
+    """The server is shutting down and admits no new job."""
+
+
+class _Ended:
+    """What a job receives instead of its last Step when the server ends it early (shutdown)."""
+
+    def __repr__(self) -> str:
+        return "ENDED"
+
+
+ENDED = _Ended()
+
+
 @dataclass
 class Job:
     prompt: list[int]
     params: SamplingParams
-    emit: Callable[[object], None]  # receives Step records, then None at the end (or an Exception)
+    emit: Callable[[object], None]  # receives Step records, then None at the end (or ENDED, or an Exception)
     ignore_eos: bool = False  # keep going past end-of-turn tokens (benchmarks)
     processors: tuple = ()  # logits processors for this sequence (logit_bias, a grammar), in order
     prompt_logprobs: int | None = None  # score the prompt too (echo with logprobs): Request.prompt_scores
@@ -39,6 +53,7 @@ class Job:
     arrived: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     request: Request | None = None  # the engine's record (``cached_tokens`` once admitted)
+    ended: bool = False  # cancelled by the server (shutdown), not by its client
 
 
 class Metrics:
@@ -116,11 +131,14 @@ class Scheduler:
         self._lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
+        self.closed = False  # end_all() was called: no new jobs
         self.thread = threading.Thread(target=self._loop, name="llama3-scheduler", daemon=True)
         self.thread.start()
 
     # ------------------------------------------------------------------------- requests
     def submit(self, job: Job) -> None:
+        if self.closed:
+            raise ShuttingDown()
         if self.engine.waiting >= self.max_queue:
             raise QueueFull()
         stop_ids = set() if job.ignore_eos else None
@@ -130,6 +148,24 @@ class Scheduler:
             self.jobs[self.engine.add(job.request)] = job
         self.metrics.queue_depth = self.engine.waiting
         self.wake.set()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: the loop cancels the job at once, and the engine frees its cache blocks at
+        its next step (any thread; a no-op for a finished job)."""
+        if not job.cancelled.is_set():
+            job.cancelled.set()
+            self.wake.set()
+
+    def end_all(self) -> int:
+        """Shutdown: admit no more jobs and end every job in flight now; each receives ENDED (so its client
+        gets a proper last event) and its blocks are freed. Returns how many were ended."""
+        self.closed = True
+        with self._lock:
+            ended = list(self.jobs.values())
+        for job in ended:
+            job.ended = True
+            self.cancel(job)
+        return len(ended)
 
     def stop(self) -> None:
         self.stopping = True
@@ -142,10 +178,11 @@ class Scheduler:
         while not self.stopping:
             with self._lock:
                 gone = [rid for rid, job in self.jobs.items() if job.cancelled.is_set()]
-            for rid in gone:  # the client went away: the engine frees its blocks at this step
+            for rid in gone:  # the client went away (or shutdown): the engine frees its blocks at this step
+                ended = self.jobs[rid].ended
                 self.engine.cancel(rid)
-                self._finish(rid)
-                self.metrics.cancelled += 1
+                self._finish(rid, ENDED if ended else None)
+                self.metrics.cancelled += not ended
             if not self.engine.has_work():
                 self.wake.wait(timeout=0.5)
                 self.wake.clear()
@@ -158,7 +195,7 @@ class Scheduler:
                 log.exception("engine step failed")
                 self.engine.abort()
                 for rid in list(self.jobs):
-                    self._finish(rid, error=e)
+                    self._finish(rid, e)
                 continue
             for step in steps:
                 self._deliver(step, elapsed)
@@ -181,11 +218,12 @@ class Scheduler:
         if step.finish_reason is not None:
             self._finish(step.request_id)
 
-    def _finish(self, rid: int, error: Exception | None = None) -> None:
+    def _finish(self, rid: int, end: object = None) -> None:
+        """The job's last message: None (done), ENDED or the exception that ended it."""
         with self._lock:
             job = self.jobs.pop(rid, None)
         if job is not None:
-            job.emit(error)  # None = done
+            job.emit(end)
 
     def _update_gauges(self) -> None:
         m, e = self.metrics, self.engine
