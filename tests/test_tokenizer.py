@@ -438,6 +438,15 @@ def test_smollm2_matches_llama_cpp(smol_tok, llama_cpp_smollm2, text):
     assert smol_tok.encode(text) == llama_cpp_smollm2(text)
 
 
+def test_a_byte_the_vocabulary_lacks_blocks_merges(smol_tok):
+    """SmolLM2 has no token for byte 0x16: llama.cpp keeps it as a symbol no merge crosses, then drops it,
+    so ')\x16`' is ')' and '`' ([25, 80], what llama.cpp gives), not the merged ')`' (37387). Found by
+    test_smollm2_matches_llama_cpp's random text."""
+    assert smol_tok.encode(")`") == [37387]
+    assert smol_tok.encode(")\x16`") == [25, 80] and smol_tok.encode("(\x06)") == [24, 25]
+    assert smol_tok.encode("\x16") == [] and smol_tok.decode([25, 80]) == ")`"
+
+
 def test_gguf_user_defined_tokens_are_always_tokens():
     """As in llama.cpp (tokenizer_st_partition): user-defined tokens (type 4) are matched in any text,
     control tokens (type 3) only with special tokens allowed."""

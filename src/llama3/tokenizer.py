@@ -332,8 +332,11 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, backend, path: str, token_bytes: list[bytes], special_tokens: dict[str, int], *,
                  bos_id: int | None, eos_id: int | None, add_bos: bool, stop_ids: set[int],
-                 strip_leading_space: bool = False):
+                 strip_leading_space: bool = False, n_ids: int | None = None):
+        """``n_ids``: ids at or past it are placeholders the builder added to the backend (bytes the
+        vocabulary lacks, which must stay apart in BPE but yield no token): dropped from ``encode``."""
         self.path = path
+        self._n_ids = n_ids
         self._backend = backend
         self._backend.encode_special_tokens = True  # special-token names are text; encode() splits them out
         self._token_bytes = token_bytes
@@ -347,7 +350,8 @@ class HFTokenizer(Tokenizer):
             return []
         with _rust_errors(f"{self.path}: the tokenizer failed to encode"):
             # encode_batch_fast tracks no character offsets: 1.5-2x faster on long text than encode
-            return self._backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
+            ids = self._backend.encode_batch_fast([text], add_special_tokens=False)[0].ids
+        return ids if self._n_ids is None else [i for i in ids if i < self._n_ids]
 
 
 @lru_cache(maxsize=1)
@@ -361,6 +365,13 @@ def _byte_level_translation() -> dict[int, int]:
     others = [b for b in range(256) if b not in printable]  # bytes 0-32, 127-160, 173 stand as U+0100...
     table.update({256 + n: b for n, b in enumerate(others)})
     return table
+
+
+@lru_cache(maxsize=1)
+def _byte_level_chars() -> tuple[str, ...]:
+    """The 256 characters byte-level BPE writes the bytes 0..255 as (GPT-2's ``bytes_to_unicode``)."""
+    chars = {b: chr(c) for c, b in _byte_level_translation().items() if b != 0xFFFF}
+    return tuple(chars[b] for b in range(256))
 
 
 def _byte_level_bytes(token: str) -> bytes:
@@ -549,14 +560,19 @@ def tokenizer_from_gguf(metadata: Mapping, path: str) -> HFTokenizer:
 
     bos, eos, eot, eom = (meta_id(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "eot", "eom"))
     what = f"{path}: cannot build the tokenizer from tokenizer.ggml.*"
+    lacking: list[str] = []
     if kind == "gpt2":
         pre = metadata.get("tokenizer.ggml.pre", "default")
         if not isinstance(pre, str) or pre not in GGUF_PRE_TOKENIZERS:
             raise TokenizerError(f"{path}: unknown pre-tokenizer tokenizer.ggml.pre={pre!r} "
                                  f"(known: {', '.join(sorted(GGUF_PRE_TOKENIZERS))})")
         merges = _gguf_merges(metadata, path)
+        # A byte the vocabulary lacks stays one symbol that no merge joins (llama.cpp: it splits the merges
+        # around it, then yields nothing for it): a placeholder id past the vocabulary, dropped by encode.
+        lacking = [c for c in _byte_level_chars() if c not in vocab]
+        bpe_vocab = {**vocab, **{c: n + k for k, c in enumerate(lacking)}} if lacking else vocab
         with _rust_errors(what):
-            backend = Backend(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in GGUF_IGNORE_MERGES_PRE))
+            backend = Backend(models.BPE(vocab=bpe_vocab, merges=merges, ignore_merges=pre in GGUF_IGNORE_MERGES_PRE))
             splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in GGUF_PRE_TOKENIZERS[pre]]
             backend.pre_tokenizer = pre_tokenizers.Sequence(
                 splits + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
@@ -589,7 +605,8 @@ def tokenizer_from_gguf(metadata: Mapping, path: str) -> HFTokenizer:
     special = {t: vocab[t] for t in specials}
     add_bos = _gguf_bool(metadata, "tokenizer.ggml.add_bos_token", path, default_add_bos)
     return HFTokenizer(backend, path, table, special, bos_id=bos, eos_id=eos, add_bos=add_bos,
-                       stop_ids=_stop_ids(special, eos, eot, eom), strip_leading_space=strip)
+                       stop_ids=_stop_ids(special, eos, eot, eom), strip_leading_space=strip,
+                       n_ids=n if lacking else None)
 
 
 def _scalar(value):
