@@ -1,0 +1,180 @@
+"""A decode step without host syncs, in static shapes, for CUDA graphs (gpt-fast's recipe over the paged cache).
+
+``TorchDecoder.step`` reads the positions on the host (``int(positions.max())`` in the cache's ``prepare``)
+and attends over exactly the keys a batch has, so every step has new shapes and several host syncs: on a
+GPU the ~400 kernel launches per token then cost more than the matmuls. ``StaticDecoder.step`` instead runs
+
+    step(tokens (B,), positions (B,), tables (B, n_blocks)) -> logits (B, vocab)
+
+as one function of device tensors only: where each new key goes (``table[pos // block_size]``, offset
+``pos % block_size``) and which keys each row sees (``key <= pos``) are tensor ops, so nothing on the path
+reads a value back to Python. Its shapes come from two buckets chosen on the host from what the engine
+already knows there: the batch padded up to 1, 2, 4, ..., 64 rows, and the block tables padded up to a
+power of two of blocks (at least ``MIN_KV_BLOCKS``). Each (batch, blocks) pair is one shape; on CUDA the
+step is ``torch.compile(mode="reduce-overhead")``d, so each shape is compiled once and replayed as a CUDA
+graph (one launch per token). On a CPU it runs eagerly (or under ``torch.compile`` for tests).
+
+Padding rows write their keys into a block the decoder keeps for itself (``scratch``), so they never touch
+a sequence's cache; a real row's table is padded with that block too, and the mask hides it. Prefill is
+``TorchDecoder.prefill``: ``Transformer.forward`` in chunks, whose attention is SDPA (FlashAttention or the
+memory-efficient kernel on CUDA: causal for a prompt's first chunk, a boolean mask for later ones).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from typing import Sequence
+
+import torch
+
+from ..model import Transformer
+from .cache import PagedKVCache
+from .decoders import TorchDecoder
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+MIN_KV_BLOCKS = 16  # the smallest table width: 16 blocks of 32 positions = 512 keys
+COMPILE_MODES = ("eager", "default", "reduce-overhead")
+
+
+def bucket(n: int, sizes: Sequence[int]) -> int:
+    """The smallest size >= n (ValueError when n exceeds them all)."""
+    for s in sizes:
+        if s >= n:
+            return s
+    raise ValueError(f"{n} is larger than the largest bucket {sizes[-1]}")
+
+
+def kv_bucket(blocks: int, limit: int) -> int:
+    """Table width for ``blocks`` blocks: the next power of two, at least MIN_KV_BLOCKS, at most ``limit``."""
+    return min(max(MIN_KV_BLOCKS, 1 << max(0, blocks - 1).bit_length()), max(limit, blocks))
+
+
+class StaticPagedView:
+    """The two cache methods ``Transformer.forward`` calls, over the paged pool with fixed-width block tables
+    and no host reads: ``prepare`` returns a mask over all ``n_blocks * block_size`` keys of the table."""
+
+    def __init__(self, pool: torch.Tensor, tables: torch.Tensor, block_size: int):
+        self.pool, self.tables, self.block_size = pool, tables, block_size  # tables (batch, n_blocks)
+
+    def prepare(self, positions: torch.Tensor) -> torch.Tensor:
+        bs = self.block_size
+        self.slot_block = self.tables.gather(1, positions // bs)  # (batch, seq): the block of each new token
+        self.slot_offset = positions % bs
+        keys = torch.arange(self.tables.shape[1] * bs, device=positions.device)
+        return keys[None, None, None, :] <= positions[:, None, :, None]  # (batch, 1, seq, keys)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, kv_heads, _, head_dim = k.shape
+        out = []
+        for i, new in enumerate((k, v)):
+            # pool[block, layer, i, :, offset] is indexed as (batch, seq, heads, head_dim)
+            self.pool[self.slot_block, layer, i, :, self.slot_offset] = new.transpose(1, 2).to(self.pool.dtype)
+            blocks = self.pool[self.tables, layer, i]  # (batch, n_blocks, heads, block_size, head_dim)
+            out.append(blocks.transpose(1, 2).reshape(batch, kv_heads, -1, head_dim))
+        return out[0], out[1]
+
+
+def decode_step(model: Transformer, pool: torch.Tensor, block_size: int, tokens: torch.Tensor,
+                positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Logits (batch, vocab) float32 for one new token per row: tokens (batch,) at positions (batch,) of the
+    sequences whose blocks are ``tables`` (batch, n_blocks). Reads nothing back to the host."""
+    view = StaticPagedView(pool, tables, block_size)
+    return model(tokens[:, None], start_pos=positions, cache=view)[:, -1]
+
+
+def inductor_cache_dir() -> str:
+    return os.path.join(os.path.expanduser("~"), ".cache", "llama3", "inductor")
+
+
+class StaticDecoder(TorchDecoder):
+    """The sync-free static-shape step (``decode_step``) in batch and table buckets, compiled per ``compile``:
+    "reduce-overhead" (CUDA graphs; the default on CUDA), "default" (inductor kernels, no graphs), or "eager"
+    (the default on CPUs). ``compile_seconds`` records the first call of each shape (compile plus capture)."""
+
+    name = "static"
+
+    def __init__(self, model: Transformer, cache: PagedKVCache, compile: str | None = None,
+                 batch_buckets: Sequence[int] = BATCH_BUCKETS):
+        super().__init__(model, cache, batch_invariant=False)
+        mode = compile or ("reduce-overhead" if self.device.type == "cuda" else "eager")
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile mode {mode!r}; expected one of {', '.join(COMPILE_MODES)}")
+        self.mode, self.batch_buckets = mode, tuple(sorted(batch_buckets))
+        # A block of its own: padding rows write there, and tables are padded with it.
+        self._scratch_sid, _ = cache.open([], reuse=False)
+        cache.reserve(self._scratch_sid, 1)
+        self.scratch = cache.blocks_of(self._scratch_sid)[0]
+        self.max_blocks = math.ceil(model.args.max_seq_len / cache.block_size)
+        self.compile_seconds: dict[tuple[int, int], float] = {}
+        self._fn = decode_step
+        if mode != "eager":
+            # Compiled kernels persist across runs here (unless the caller chose a directory).
+            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
+            if self.device.type == "cuda":  # the pool is written in place: CUDA graphs need its address fixed
+                torch._dynamo.mark_static_address(cache.pool)
+            self._fn = torch.compile(decode_step, mode=None if mode == "default" else mode, fullgraph=True,
+                                     dynamic=False)
+        n_shapes = len(self.batch_buckets) * (int(math.log2(max(self.max_blocks, MIN_KV_BLOCKS))) + 1)
+        self._limits = torch._dynamo.config.patch(recompile_limit=n_shapes + 8,
+                                                  accumulated_recompile_limit=4 * n_shapes + 64)
+        self._pinned = None
+
+    def inputs(self, tokens: Sequence[int], positions: Sequence[int],
+               slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's device inputs, padded to the buckets: one host-to-device copy of one packed buffer
+        (pinned on CUDA, so it does not wait for the GPU)."""
+        n = len(tokens)
+        if not 0 < n == len(positions) == len(slots):
+            raise ValueError(f"step needs as many tokens, positions and slots (>= 1), got {n}, {len(positions)}, "
+                             f"{len(slots)}")
+        batch = bucket(n, self.batch_buckets)
+        bs = self.cache.block_size
+        width = kv_bucket(max(p // bs + 1 for p in positions), self.max_blocks)
+        rows = []  # [token, position, its table padded with the scratch block]
+        for token, pos, sid in zip(tokens, positions, slots):
+            blocks = self.cache.blocks_of(sid)[:width]
+            if len(blocks) * bs <= pos:
+                raise ValueError(f"sequence {sid} has no block reserved for position {pos}")
+            rows.append([token, pos, *blocks] + [self.scratch] * (width - len(blocks)))
+        rows += [[0, 0] + [self.scratch] * width] * (batch - n)  # padding: token 0 at position 0 of the scratch
+        packed = torch.tensor(rows, dtype=torch.int64)  # (batch, 2 + width)
+        if self.device.type == "cuda":
+            if self._pinned is None or self._pinned.numel() < packed.numel():
+                self._pinned = torch.empty(max(packed.numel(), 64 * 1024), dtype=torch.int64, pin_memory=True)
+            # Safe to overwrite: the last step's copy finished before its logits (or tokens) were read back.
+            staged = self._pinned[:packed.numel()].view_as(packed).copy_(packed)
+            packed = staged.to(self.device, non_blocking=True)
+        return packed[:, 0], packed[:, 1], packed[:, 2:]
+
+    @torch.inference_mode()
+    def step_on_device(self, tokens, positions, slots) -> torch.Tensor:
+        """Logits (len(tokens), vocab) float32, left on the device (valid until the next step)."""
+        ids, pos, tables = self.inputs(tokens, positions, slots)
+        shape = tuple(tables.shape)
+        first = shape not in self.compile_seconds
+        start = time.perf_counter()
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
+        with self._limits:
+            logits = self._fn(self.model, self.cache.pool, self.cache.block_size, ids, pos, tables)
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.compile_seconds[shape] = time.perf_counter() - start
+            if self.mode != "eager":
+                log.info("compiled the decode step for batch %d x %d blocks in %.1f s", *shape,
+                         self.compile_seconds[shape])
+        return logits[:len(tokens)]
+
+    def step(self, tokens, positions, slots):
+        return self.step_on_device(tokens, positions, slots).float().cpu()
+
+    def describe(self) -> str:
+        how = {"eager": "eager", "default": "torch.compile", "reduce-overhead": "torch.compile + CUDA graphs"}
+        return f"static-shape step on {self.device.type} ({how[self.mode]}, batch buckets " \
+               f"{'/'.join(map(str, self.batch_buckets))})"
