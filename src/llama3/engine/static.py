@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from ..device_sampling import to_device
 from ..model import Transformer
 from .cache import PagedKVCache
 from .decoders import TorchDecoder
@@ -122,7 +123,6 @@ class StaticDecoder(TorchDecoder):
         n_shapes = len(self.batch_buckets) * (int(math.log2(max(self.max_blocks, MIN_KV_BLOCKS))) + 1)
         self._limits = torch._dynamo.config.patch(recompile_limit=n_shapes + 8,
                                                   accumulated_recompile_limit=4 * n_shapes + 64)
-        self._pinned = None
 
     def inputs(self, tokens: Sequence[int], positions: Sequence[int],
                slots: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,12 +143,7 @@ class StaticDecoder(TorchDecoder):
             rows.append([token, pos, *blocks] + [self.scratch] * (width - len(blocks)))
         rows += [[0, 0] + [self.scratch] * width] * (batch - n)  # padding: token 0 at position 0 of the scratch
         packed = torch.tensor(rows, dtype=torch.int64)  # (batch, 2 + width)
-        if self.device.type == "cuda":
-            if self._pinned is None or self._pinned.numel() < packed.numel():
-                self._pinned = torch.empty(max(packed.numel(), 64 * 1024), dtype=torch.int64, pin_memory=True)
-            # Safe to overwrite: the last step's copy finished before its logits (or tokens) were read back.
-            staged = self._pinned[:packed.numel()].view_as(packed).copy_(packed)
-            packed = staged.to(self.device, non_blocking=True)
+        packed = to_device(packed, self.device)
         return packed[:, 0], packed[:, 1], packed[:, 2:]
 
     @torch.inference_mode()
