@@ -168,7 +168,8 @@ def choose_on_device(seqs: Sequence, logits: torch.Tensor) -> list[tuple[int, fl
     if not rows:
         return [None] * len(seqs)
     group = [seqs[b] for b in rows]
-    logits = logits[rows] if len(rows) < len(seqs) else logits
+    if len(rows) < len(seqs):  # an index from the host, copied without waiting for the device
+        logits = logits.index_select(0, to_device(torch.tensor(rows), device))
     vocab = logits.shape[-1]
     batch = SamplingBatch.of([s.req.params for s in group], vocab, device, [min(s.decodable, vocab) for s in group])
     counts = None

@@ -85,11 +85,16 @@ def to_device(model: Transformer, device, scheme: str = "bf16", dtype: torch.dty
 
 
 def weight_bytes(model: Transformer) -> int:
-    """Bytes a decode step reads from the matrices and norms (one embedding row, so not the table)."""
+    """Bytes a decode step reads from the matrices and norms: every module's own tensors but the embedding
+    table's (a lookup reads one row; a tied output projection is counted as the output's), in whatever
+    layout they are (a torchao tensor counts its packed values, scales and zeros)."""
     total = 0
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith("tok_embeddings.") or name == "rope_freqs":
+    for module in model.modules():
+        if isinstance(module, (nn.Embedding, QuantEmbedding)):
             continue
-        inner = [getattr(t, a) for a in getattr(t, "__tensor_flatten__", lambda: ([], None))()[0]]
-        total += sum(x.numel() * x.element_size() for x in inner) if inner else t.numel() * t.element_size()
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if name != "rope_freqs":
+                inner, _ = t.__tensor_flatten__() if hasattr(t, "__tensor_flatten__") else ([], None)
+                parts = [getattr(t, a) for a in inner] or [t]
+                total += sum(x.numel() * x.element_size() for x in parts)
     return total

@@ -22,9 +22,9 @@ memory-efficient kernel on CUDA: causal for a prompt's first chunk, a boolean ma
 
 from __future__ import annotations
 
-import logging
 import math
 import os
+import sys
 import time
 from typing import Sequence
 
@@ -34,8 +34,6 @@ from ..device_sampling import to_device
 from ..model import Transformer
 from .cache import PagedKVCache
 from .decoders import TorchDecoder
-
-log = logging.getLogger(__name__)
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 MIN_KV_BLOCKS = 16  # the smallest table width: 16 blocks of 32 positions = 512 keys
@@ -161,9 +159,10 @@ class StaticDecoder(TorchDecoder):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.compile_seconds[shape] = time.perf_counter() - start
-            if self.mode != "eager":
-                log.info("compiled the decode step for batch %d x %d blocks in %.1f s", *shape,
-                         self.compile_seconds[shape])
+            if self.mode != "eager":  # a pause of seconds to minutes: say why
+                print(f"llama3: compiled the decode step for batch {shape[0]} x {shape[1]} blocks in "
+                      f"{self.compile_seconds[shape]:.1f} s (cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']})",
+                      file=sys.stderr)
         return logits[:len(tokens)]
 
     def step(self, tokens, positions, slots):
