@@ -7,6 +7,8 @@ without a cache, as in test_model.py. Under ``torch.compile`` inductor fuses and
 (~1e-6 relative): checked at 1e-4 too, and greedy tokens exactly.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -76,6 +78,7 @@ def test_compiled_step_equals_eager():
         runs[mode] = run_steps(decoder, model, prompts, 4)[0]
     torch.testing.assert_close(runs["default"], runs["eager"], atol=ATOL, rtol=0)
     assert list(decoder.compile_seconds) == [(2, 16)] and decoder.compile_seconds[(2, 16)] > 0
+    assert os.path.isdir(decoder.cache_dir)  # inductor's on-disk cache: the next run loads, not compiles
 
 
 def test_engine_outputs_equal_torch_decoders():
@@ -109,6 +112,30 @@ def test_engine_outputs_equal_torch_decoders():
             assert la == pytest.approx(lb, abs=1e-5)
             assert list(ta) == list(tb) and list(ta.values()) == pytest.approx(list(tb.values()), abs=1e-5)
     assert [t for t, _, _ in outs["static"][4]] == [t for t, _, _ in outs["static"][0]]
+
+
+def test_engine_with_shared_prefixes_and_set_aside_equals_torch_decoder():
+    """A cache too small for all (sequences are set aside and recomputed), prompts sharing a cached prefix,
+    more requests than the batch: every greedy output equals TorchDecoder's engine's, and when all have
+    finished only the decoder's scratch block is still in use."""
+    model = ours_from_hf(hf_model("gqa2", max_position_embeddings=256))
+    tok = ByteTokenizer(model.args.vocab_size)
+    system = list(range(1, 70))
+    prompts = [system + [5, 6], system + [9], list(range(40, 80)), system + [5, 6, 7], [3] * 50]
+    outs = {}
+    for name in ("torch", "static"):
+        engine = Engine(model, tok, max_batch=3, cache_tokens=320, decoder=name, prefill_chunk=32)
+        reqs = [Request(p, SamplingParams(max_new_tokens=40, temperature=0)) for p in prompts]
+        for r in reqs:
+            engine.add(r)
+        got = {r.id: [] for r in reqs}
+        for s in engine.run():
+            got[s.request_id].append(s.token_id)
+        outs[name] = [got[r.id] for r in reqs]
+        assert engine.cache.blocks_in_use == (name == "static")
+        if name == "static":
+            assert engine.set_aside > 0 and engine.cache.hits > 0
+    assert outs["static"] == outs["torch"]
 
 
 def test_buckets_and_bad_input():

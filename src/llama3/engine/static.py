@@ -86,8 +86,17 @@ def decode_step(model: Transformer, pool: torch.Tensor, block_size: int, tokens:
     return model(tokens[:, None], start_pos=positions, cache=view)[:, -1]
 
 
-def inductor_cache_dir() -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "llama3", "inductor")
+def use_inductor_cache() -> str:
+    """Point inductor's on-disk cache (compiled kernels, FX graphs) at ~/.cache/llama3/inductor, unless the
+    user chose a directory (TORCHINDUCTOR_CACHE_DIR): a second run then loads the step instead of compiling
+    it, and the cache outlives /tmp. Inductor itself sets the variable to its /tmp default on first use, so
+    that value counts as not chosen. Returns the directory in use."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "llama3", "inductor")
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 class StaticDecoder(TorchDecoder):
@@ -110,10 +119,9 @@ class StaticDecoder(TorchDecoder):
         self.scratch = cache.blocks_of(self._scratch_sid)[0]
         self.max_blocks = math.ceil(model.args.max_seq_len / cache.block_size)
         self.compile_seconds: dict[tuple[int, int], float] = {}
-        self._fn = decode_step
+        self._fn, self.cache_dir = decode_step, None
         if mode != "eager":
-            # Compiled kernels persist across runs here (unless the caller chose a directory).
-            os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", inductor_cache_dir())
+            self.cache_dir = use_inductor_cache()
             if self.device.type == "cuda":  # the pool is written in place: CUDA graphs need its address fixed
                 torch._dynamo.mark_static_address(cache.pool)
             self._fn = torch.compile(decode_step, mode=None if mode == "default" else mode, fullgraph=True,
@@ -161,7 +169,7 @@ class StaticDecoder(TorchDecoder):
             self.compile_seconds[shape] = time.perf_counter() - start
             if self.mode != "eager":  # a pause of seconds to minutes: say why
                 print(f"llama3: compiled the decode step for batch {shape[0]} x {shape[1]} blocks in "
-                      f"{self.compile_seconds[shape]:.1f} s (cached in {os.environ['TORCHINDUCTOR_CACHE_DIR']})",
+                      f"{self.compile_seconds[shape]:.1f} s (cached in {self.cache_dir})",
                       file=sys.stderr)
         return logits[:len(tokens)]
 
