@@ -154,6 +154,14 @@ def test_buckets_and_bad_input():
         decoder.step([1, 2], [0], [sid])
     with pytest.raises(ValueError, match="no block reserved for position 8"):
         decoder.step([1], [8], [sid])
+    other, _ = cache.open([3, 4])
+    cache.reserve(other, 8)
+    small = StaticDecoder(model, cache, batch_buckets=(1,))  # a batch of 2 runs as two steps of 1
+    pool = cache.pool.clone()
+    both = small.step([5, 6], [2, 2], [sid, other])
+    cache.pool.copy_(pool)
+    alone = torch.cat([decoder.step([5], [2], [sid]), decoder.step([6], [2], [other])])
+    torch.testing.assert_close(both, alone, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="unknown compile mode 'fast'"):
         StaticDecoder(model, cache, compile="fast")
 

@@ -9,10 +9,12 @@ disables it (top_k 0, top_p 1, min_p 0, penalty 1 / 0) comes out unchanged, bit 
 The draw. ``torch.multinomial(probs, 1, generator=g)`` is, in PyTorch's own implementation on CPUs and
 GPUs, ``argmax(probs / q)`` with ``q ~ Exp(1)`` drawn by ``q.exponential_(generator=g)`` (the exponential
 race: P(argmax = i) = p_i). ``pick`` draws q for row b from that row's generator in the same way, so with
-the same generator it picks the same token as the CPU sampler, draw for draw. The engine gives a CPU
-sequence its own CPU generator (seeded with the request's seed) and a CUDA sequence a CUDA generator seeded
-with that seed: CPU runs equal the CPU samplers exactly; CUDA runs are reproducible per seed on the device
-but draw different noise (CUDA's Philox is not the CPU's Mersenne twister).
+the same generator it picks the same token as the CPU sampler, draw for draw. In the engine a sequence's
+first token (from its prefill's logits) is drawn on the host with its CPU generator (``seq.rng``, seeded
+with the request's seed); its decode steps draw with the same CPU generator when the model is on a CPU, so
+CPU runs equal the CPU samplers exactly, and on a GPU with a CUDA generator seeded with the same seed
+(``generator_for``): reproducible per seed on the device, but other noise than the CPU's (CUDA's Philox is
+not the CPU's Mersenne twister).
 """
 
 from __future__ import annotations

@@ -154,7 +154,12 @@ class StaticDecoder(TorchDecoder):
 
     @torch.inference_mode()
     def step_on_device(self, tokens, positions, slots) -> torch.Tensor:
-        """Logits (len(tokens), vocab) float32, left on the device (valid until the next step)."""
+        """Logits (len(tokens), vocab) float32, left on the device (valid until the next step). A batch larger
+        than the largest bucket runs in pieces of that size."""
+        top = self.batch_buckets[-1]
+        if len(tokens) > top:  # each piece's output is copied out before the next replay overwrites it
+            return torch.cat([self.step_on_device(tokens[i:i + top], positions[i:i + top], slots[i:i + top]).clone()
+                              for i in range(0, len(tokens), top)])
         ids, pos, tables = self.inputs(tokens, positions, slots)
         shape = tuple(tables.shape)
         first = shape not in self.compile_seconds
