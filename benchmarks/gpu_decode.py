@@ -126,9 +126,9 @@ def transformers_decode(args: ModelArgs, device, dtype, context: int, steps: int
     config = LlamaConfig(hidden_size=args.dim, intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers,
                          num_attention_heads=args.n_heads, num_key_value_heads=args.kv_heads,
                          vocab_size=args.vocab_size, max_position_embeddings=args.max_seq_len,
-                         rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta, torch_dtype=dtype)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype).eval()
+                         rms_norm_eps=args.norm_eps, rope_theta=args.rope_theta)
+    with torch.device(device):  # built in ``dtype`` on the device: no float32 copy of 8B parameters
+        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
     model.generation_config.cache_implementation = "static"
     model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
     ids = torch.randint(0, args.vocab_size, (1, context), device=device)

@@ -138,6 +138,23 @@ def test_engine_with_shared_prefixes_and_set_aside_equals_torch_decoder():
     assert outs["static"] == outs["torch"]
 
 
+def test_prefill_with_expanded_kv_heads_equals_grouped():
+    """ExpandedPagedView (CUDA's masked prefill chunks) repeats K/V heads; the logits of a prompt prefilled
+    in three chunks (the later two masked) equal the grouped-head prefill's, and so does the cache."""
+    model = ours_from_hf(hf_model("gqa4"))
+    prompt = torch.randint(0, model.args.vocab_size, (40,), generator=torch.Generator().manual_seed(2)).tolist()
+    out = {}
+    for expand in (False, True):
+        cache = PagedKVCache(model.args, 128, block_size=8, dtype=torch.float32, prefix_caching=False)
+        decoder = StaticDecoder(model, cache, expand_kv=expand)
+        sid, _ = cache.open([], reuse=False)
+        cache.reserve(sid, len(prompt))
+        logits = torch.cat([decoder.prefill(prompt[s:s + 16], sid, s, all_logits=True) for s in range(0, 40, 16)])
+        out[expand] = logits, cache.pool[cache.blocks_of(sid)]
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-6, rtol=0)
+
+
 def test_buckets_and_bad_input():
     assert [bucket(n, (1, 2, 4, 8)) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
     with pytest.raises(ValueError, match="largest bucket 8"):

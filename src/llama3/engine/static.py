@@ -16,8 +16,9 @@ graph (one launch per token). On a CPU it runs eagerly (or under ``torch.compile
 
 Padding rows write their keys into a block the decoder keeps for itself (``scratch``), so they never touch
 a sequence's cache; a real row's table is padded with that block too, and the mask hides it. Prefill is
-``TorchDecoder.prefill``: ``Transformer.forward`` in chunks, whose attention is SDPA (FlashAttention or the
-memory-efficient kernel on CUDA: causal for a prompt's first chunk, a boolean mask for later ones).
+``TorchDecoder.prefill``: ``Transformer.forward`` in chunks, whose attention is SDPA: FlashAttention on CUDA
+for a prompt's first chunk (causal), the memory-efficient kernel for later ones (a boolean mask; with
+``ExpandedPagedView``'s K/V heads).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from ..device_sampling import to_device
 from ..model import Transformer
-from .cache import PagedKVCache
+from .cache import PagedKVCache, PagedView
 from .decoders import TorchDecoder
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -78,6 +79,29 @@ class StaticPagedView:
         return out[0], out[1]
 
 
+class ExpandedPagedView(PagedView):
+    """``PagedView`` whose masked attention sees as many key/value heads as query heads. A prefill chunk
+    after a prompt's first attends through a boolean mask; on CUDA FlashAttention takes no mask, and the
+    memory-efficient kernel takes one but not grouped-query heads, so SDPA would fall back to its plain
+    math (a (heads, chunk, keys) score matrix). Repeating each K/V head n_rep times keeps it on the
+    memory-efficient kernel. Unmasked (causal) chunks keep the grouped heads: FlashAttention takes them."""
+
+    def __init__(self, cache: PagedKVCache, sids: Sequence[int], n_rep: int):
+        super().__init__(cache, sids)
+        self.n_rep, self.masked = n_rep, False
+
+    def prepare(self, positions: torch.Tensor) -> torch.Tensor | None:
+        mask = super().prepare(positions)
+        self.masked = mask is not None
+        return mask
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = super().update(layer, k, v)
+        if self.masked and self.n_rep > 1:  # (batch, n_kv_heads, keys, hd) -> (batch, n_heads, keys, hd)
+            k, v = k.repeat_interleave(self.n_rep, dim=1), v.repeat_interleave(self.n_rep, dim=1)
+        return k, v
+
+
 def decode_step(model: Transformer, pool: torch.Tensor, block_size: int, tokens: torch.Tensor,
                 positions: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
     """Logits (batch, vocab) float32 for one new token per row: tokens (batch,) at positions (batch,) of the
@@ -107,8 +131,10 @@ class StaticDecoder(TorchDecoder):
     name = "static"
 
     def __init__(self, model: Transformer, cache: PagedKVCache, compile: str | None = None,
-                 batch_buckets: Sequence[int] = BATCH_BUCKETS):
+                 batch_buckets: Sequence[int] = BATCH_BUCKETS, expand_kv: bool | None = None):
+        """``expand_kv``: masked prefill chunks through ``ExpandedPagedView`` (default: on CUDA)."""
         super().__init__(model, cache, batch_invariant=False)
+        self.expand_kv = self.device.type == "cuda" if expand_kv is None else expand_kv
         mode = compile or ("reduce-overhead" if self.device.type == "cuda" else "eager")
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; expected one of {', '.join(COMPILE_MODES)}")
@@ -177,6 +203,11 @@ class StaticDecoder(TorchDecoder):
                       f"{self.compile_seconds[shape]:.1f} s (cached in {self.cache_dir})",
                       file=sys.stderr)
         return logits[:len(tokens)]
+
+    def prefill_view(self, slot: int):
+        if self.expand_kv:
+            return ExpandedPagedView(self.cache, [slot], self.model.args.n_rep)
+        return super().prefill_view(slot)
 
     def step(self, tokens, positions, slots):
         return self.step_on_device(tokens, positions, slots).float().cpu()
