@@ -13,6 +13,8 @@ What it prints, each line with the device:
   - prefill tokens/s at 512 and 4096 tokens (chunked ``Transformer.forward``, SDPA flash/efficient kernels),
     the first of which is the time to first token;
   - decode throughput at batch 8 / 32 / 64 (tokens/s over all rows) and its ratio to batch 1;
+  - the continuous-batching Engine (the server's loop without HTTP) with 1 / 8 / 32 / 64 concurrent requests:
+    generated tokens/s in all and the mean time to first token;
   - peak device memory;
   - transformers' ``LlamaForCausalLM`` with a static cache and ``torch.compile(mode="reduce-overhead")``
     decoding the same shape in the same run (where transformers is installed; CUDA only).
@@ -32,7 +34,9 @@ import time
 import torch
 
 from llama3 import ModelArgs, Transformer
-from llama3.engine import PagedKVCache, StaticDecoder
+from llama3.engine import Engine, PagedKVCache, Request, StaticDecoder
+from llama3.sampling import SamplingParams
+from llama3.tokenizer import Tokenizer
 from llama3.engine.gpu_weights import to_device, weight_bytes
 
 TINY = dict(dim=256, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=1000, max_seq_len=1024)
@@ -115,6 +119,32 @@ class Bench:
         for s in sids:
             self.cache.close(s)
         return statistics.median(times[1:]), times[0]
+
+
+class NumberTokenizer(Tokenizer):
+    """Every id is one byte "x": enough for the engine's detokenizer, and no id ever stops a sequence."""
+
+    def __init__(self, vocab: int):
+        self.path, self.bos_id, self.eos_id, self.add_bos = "numbers", None, None, False
+        self.special_tokens, self.stop_ids = {}, set()
+        self._token_bytes = [b"x"] * vocab
+
+
+def engine_run(model: Transformer, clients: int, context: int, tokens: int, decoder: str) -> tuple[float, float]:
+    """``clients`` requests at once through the continuous-batching Engine (the server's loop, without HTTP):
+    (generated tokens/s over all, mean seconds to each request's first token)."""
+    engine = Engine(model, NumberTokenizer(model.args.vocab_size), max_batch=clients, decoder=decoder,
+                    context=context + tokens + 2)
+    g = torch.Generator().manual_seed(clients)
+    prompts = [torch.randint(0, model.args.vocab_size, (context,), generator=g).tolist() for _ in range(clients)]
+    start = time.perf_counter()
+    for p in prompts:
+        engine.add(Request(p, SamplingParams(max_new_tokens=tokens, temperature=0)))
+    first, generated = {}, 0
+    for step in engine.run():
+        first.setdefault(step.request_id, time.perf_counter() - start)
+        generated += 1
+    return generated / (time.perf_counter() - start), statistics.mean(first.values())
 
 
 def transformers_decode(args: ModelArgs, device, dtype, context: int, steps: int) -> float | None:
@@ -200,6 +230,10 @@ def main():
         step, first = bench.decode(b, a.context, a.steps)
         say(f"{tag} {a.dtype} batch {b}: {b / step:.0f} tokens/s ({step * 1e3:.2f} ms/step) = "
             f"{step1 * b / step:.1f}x batch 1; first step {first:.1f} s")
+    for clients in batches:  # compiled shapes are reused: the same model and step function
+        rate, ttft = engine_run(model, clients, a.context, a.steps, "static")
+        say(f"{tag} engine, {clients} concurrent requests of {a.context} + {a.steps} tokens: {rate:.0f} generated "
+            f"tokens/s in all, mean time to first token {ttft * 1e3:.0f} ms")
     for shape, seconds in bench.decoder.compile_seconds.items():
         say(f"{tag} compile: batch {shape[0]} x {shape[1]} blocks: {seconds:.1f} s")
     if device.type == "cuda":

@@ -15,5 +15,6 @@ def test_gpu_decode_script_smoke_run_on_cpu():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert "measured copy bandwidth" in out.stdout and "of the measured bandwidth" in out.stdout
-    for line in ("prefill 16 tokens", "prefill 64 tokens", "float32 batch 4:", "compile: batch 4 x 16 blocks"):
+    for line in ("prefill 16 tokens", "prefill 64 tokens", "float32 batch 4:", "compile: batch 4 x 16 blocks",
+                 "engine, 4 concurrent requests"):
         assert line in out.stdout, out.stdout

@@ -14,8 +14,8 @@ power of two of blocks (at least ``MIN_KV_BLOCKS``). Each (batch, blocks) pair i
 step is ``torch.compile(mode="reduce-overhead")``d, so each shape is compiled once and replayed as a CUDA
 graph (one launch per token). On a CPU it runs eagerly (or under ``torch.compile`` for tests).
 
-Padding rows write their keys into a block the decoder keeps for itself (``scratch``), so they never touch
-a sequence's cache; a real row's table is padded with that block too, and the mask hides it. Prefill is
+Padding rows write their keys into the cache's ``scratch`` block (which no sequence ever gets), so they never
+touch a sequence's cache; a real row's table is padded with that block too, and the mask hides it. Prefill is
 ``TorchDecoder.prefill``: ``Transformer.forward`` in chunks, whose attention is SDPA: FlashAttention on CUDA
 for a prompt's first chunk (causal), the memory-efficient kernel for later ones (a boolean mask; with
 ``ExpandedPagedView``'s K/V heads).
@@ -139,10 +139,7 @@ class StaticDecoder(TorchDecoder):
         if mode not in COMPILE_MODES:
             raise ValueError(f"unknown compile mode {mode!r}; expected one of {', '.join(COMPILE_MODES)}")
         self.mode, self.batch_buckets = mode, tuple(sorted(batch_buckets))
-        # A block of its own: padding rows write there, and tables are padded with it.
-        self._scratch_sid, _ = cache.open([], reuse=False)
-        cache.reserve(self._scratch_sid, 1)
-        self.scratch = cache.blocks_of(self._scratch_sid)[0]
+        self.scratch = cache.scratch  # padding rows write there, and tables are padded with it
         self.max_blocks = math.ceil(model.args.max_seq_len / cache.block_size)
         self.compile_seconds: dict[tuple[int, int], float] = {}
         self._fn, self.cache_dir = decode_step, None
