@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import statistics
 import sys
 import time
@@ -211,7 +210,7 @@ def main():
     bench = Bench(model, dtype, device, tokens, a.compile)
     say(f"{tag} decoder: {bench.decoder.describe()}")
 
-    def batch1(label: str) -> float:
+    def batch1(bench: Bench, label: str) -> float:
         step, first = bench.decode(1, a.context, a.steps)
         wbytes = weight_bytes(bench.model)
         reached = wbytes / step / 1e9
@@ -220,7 +219,7 @@ def main():
             f"of the measured bandwidth; first step (compile + capture) {first:.1f} s")
         return step
 
-    step1 = batch1(a.dtype)
+    step1 = batch1(bench, a.dtype)
     for n in prefills:
         bench.prefill(min(n, 64))  # warm the kernels of this path
         sid, seconds = bench.prefill(n)
@@ -244,7 +243,7 @@ def main():
     else:
         bench.model = to_device(model, device, "int4")  # in place: the bf16 matrices are replaced
         bench.decoder = StaticDecoder(bench.model, bench.cache, compile=a.compile)
-        step4 = batch1("int4")
+        step4 = batch1(bench, "int4")
         say(f"{tag} int4 / {a.dtype} batch-1 speed: {step1 / step4:.2f}x")
     del bench, model
     gc.collect()

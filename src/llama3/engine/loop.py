@@ -186,8 +186,8 @@ class Engine:
                  prefill_chunk: int = PREFILL_CHUNK, threads: int | None = None):
         """``context``: most positions one sequence may use (default: the model's). ``cache_tokens``: the
         cache's size in positions for all sequences together (default: every batch slot at full context,
-        capped by ``memory_budget_bytes``). ``decoder``: "auto" (``choose_decoder``), "c", "torch", or a
-        function (model, cache) -> Decoder."""
+        capped by ``memory_budget_bytes``). ``decoder``: "auto" (``choose_decoder``), "c", "static", "torch",
+        or a function (model, cache) -> Decoder."""
         from .policy import make_decoder
 
         if max_batch < 1:
