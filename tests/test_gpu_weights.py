@@ -67,6 +67,26 @@ def test_gguf_block_model_converts(model, scheme):
     close(ref, logits_of(moved))
 
 
+def test_q8_0_converts_to_int8_exactly(model):
+    """A Q8_0 matrix becomes torchao int8 with the file's own values and scales: dequantized, the two are
+    equal bit for bit, and a Linear with it computes what the block kernel computes (to float32 rounding)."""
+    pytest.importorskip("torchao")
+    from llama3.engine.gpu_weights import q8_0_int8_weight
+    from llama3.quantize import QuantTensor
+
+    qt = QuantTensor.quantize(torch.randn(64, 256, generator=torch.Generator().manual_seed(0)), "Q8_0")
+    weight = q8_0_int8_weight(qt, "cpu", torch.float32)
+    assert torch.equal(weight.dequantize(), qt.dequantize(torch.float32))
+    x = torch.randn(3, 256)
+    torch.testing.assert_close(torch.nn.functional.linear(x, weight), x @ qt.dequantize(torch.float32).T,
+                               atol=1e-5, rtol=0)
+    blocks = copy.deepcopy(model)
+    quantize_model(blocks, "q8_0")
+    wq = blocks.layers[0].attention.wq.qtensor.dequantize(torch.float32)
+    moved = to_device(blocks, "cpu", "int8", dtype=torch.float32)
+    assert torch.equal(moved.layers[0].attention.wq.weight.dequantize(), wq)
+
+
 def test_bad_schemes_are_refused(model):
     with pytest.raises(ValueError, match="unknown GPU weight scheme 'int3'"):
         to_device(copy.deepcopy(model), "cpu", "int3")

@@ -8,10 +8,11 @@ and "int4" (``Int4WeightOnlyConfig`` in the tinygemm layout that core PyTorch's 
 A decode step reads every weight once, so bytes are time: int4 reads ~3.6x fewer bytes than bf16.
 
 A model loaded from a GGUF file holds its matrices as blocks (``QuantLinear``: Q4_K, Q8_0, Q4_0, ...). They
-are converted one matrix at a time on the way to the device (blocks -> float32 on the host -> bf16 on the
-device -> torchao's layout), so at most one matrix is ever on the device in 16 bits. This re-quantizes: a
-Q4_0 block (symmetric, 32 values) lands on int4 group 32 nearly unchanged; Q4_K (sub-blocks of 32 with
-6-bit scales and mins) and Q8_0 (per-32 scales, vs torchao's per-row int8) are rounded once more.
+are converted one matrix at a time on the way to the device. Q8_0 under "int8" keeps the file's numbers:
+its int8 values and per-32 scales become a torchao ``Int8Tensor`` as they are (``q8_0_int8_weight``).
+Other kinds go blocks -> float32 on the host -> ``dtype`` on the device -> torchao's layout (at most one
+matrix in 16 bits on the device at a time), which re-quantizes: a Q4_0 block (symmetric, 32 values) lands
+on int4 group 32 nearly unchanged; Q4_K (sub-blocks of 32 with 6-bit scales and mins) is rounded once more.
 torchao is optional: without it only "bf16" is available, and the error says how to get the others.
 """
 
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from ..model import RMSNorm, Transformer
-from ..quantize import QuantEmbedding, QuantLinear
+from ..quantize import QuantEmbedding, QuantLinear, QuantTensor
 
 SCHEMES = ("bf16", "int8", "int4")
 INT4_GROUP = 32  # GGUF's block (and Q4_K's sub-block) size; torchao accepts 32, 64, 128, 256
@@ -40,6 +41,20 @@ def torchao_config(scheme: str, group_size: int = INT4_GROUP):
         return Int8WeightOnlyConfig(set_inductor_config=False)
     return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
                                 set_inductor_config=False)
+
+
+def q8_0_int8_weight(qt: QuantTensor, device, dtype: torch.dtype):
+    """A Q8_0 matrix as torchao's ``Int8Tensor`` with the file's own numbers: each block of 32 (an fp16
+    scale d, then 32 int8 values q, weight = d·q) becomes 32 int8 values with one float32 scale, exactly
+    (fp16 -> float32 is exact). Used as the weight of a Linear computing in ``dtype``."""
+    from torchao.quantization import Int8Tensor
+
+    rows, k = qt.shape
+    blocks = qt.data.view(rows, k // 32, 34)  # ggml's block_q8_0: {fp16 d; int8 qs[32]}
+    scale = blocks[..., :2].contiguous().view(torch.float16).float().view(rows, k // 32)
+    q = blocks[..., 2:].contiguous().view(torch.int8).view(rows, k)
+    scale, q = scale.to(device), q.to(device)
+    return Int8Tensor(q, scale, [1, 32], dtype, zero_point=torch.zeros_like(scale, dtype=torch.int8))
 
 
 def _float_linear(module: nn.Module, device, dtype) -> nn.Linear:
@@ -71,9 +86,13 @@ def to_device(model: Transformer, device, scheme: str = "bf16", dtype: torch.dty
     for name, module in list(model.named_modules()):
         if not isinstance(module, (nn.Linear, QuantLinear)):
             continue
-        linear = _float_linear(module, device, dtype)
-        if config is not None:
-            quantize_(linear, config)  # bf16 -> torchao's layout, on the device
+        if scheme == "int8" and isinstance(module, QuantLinear) and module.kind == "Q8_0":
+            linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
+            linear.weight = nn.Parameter(q8_0_int8_weight(module.qtensor, device, dtype), requires_grad=False)
+        else:
+            linear = _float_linear(module, device, dtype)
+            if config is not None:
+                quantize_(linear, config)  # bf16 -> torchao's layout, on the device
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, linear)
     model.to(device=device)  # norms, embedding (if float), RoPE frequencies
