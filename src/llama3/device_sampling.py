@@ -27,7 +27,7 @@ import torch
 from .sampling import NEG_INF, SamplingParams
 
 
-def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+def host_to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small host tensor on ``device`` without waiting for the device: pinned (the caching host allocator
     keeps the buffer until the copy is done), copied asynchronously."""
     if device.type != "cuda":
@@ -66,7 +66,7 @@ class SamplingBatch:
         floats = torch.tensor([[1.0 if p.greedy else p.temperature, p.top_p, p.min_p, p.repetition_penalty,
                                 p.presence_penalty, p.frequency_penalty] for p in params], dtype=torch.float32)
         ints = torch.tensor([[p.greedy, kb, d] for p, kb, d in zip(params, k, decodable)], dtype=torch.int64)
-        floats, ints = to_device(floats, device), to_device(ints, device)
+        floats, ints = host_to_device(floats, device), host_to_device(ints, device)
         sampled = [p for p in params if not p.greedy]
         rows = [i for i, p in enumerate(params) if not p.greedy]
         return cls(greedy=ints[:, 0:1].bool(), temperature=floats[:, 0:1], top_k=ints[:, 1:2], top_p=floats[:, 1:2],
@@ -171,7 +171,7 @@ def choose_on_device(seqs: Sequence, logits: torch.Tensor) -> list[tuple[int, fl
         return [None] * len(seqs)
     group = [seqs[b] for b in rows]
     if len(rows) < len(seqs):  # an index from the host, copied without waiting for the device
-        logits = logits.index_select(0, to_device(torch.tensor(rows), device))
+        logits = logits.index_select(0, host_to_device(torch.tensor(rows), device))
     vocab = logits.shape[-1]
     batch = SamplingBatch.of([s.req.params for s in group], vocab, device, [min(s.decodable, vocab) for s in group])
     counts = None

@@ -31,7 +31,7 @@ from typing import Sequence
 
 import torch
 
-from ..device_sampling import to_device
+from ..device_sampling import host_to_device
 from ..model import Transformer
 from .cache import PagedKVCache, PagedView
 from .decoders import TorchDecoder
@@ -172,7 +172,7 @@ class StaticDecoder(TorchDecoder):
             rows.append([token, pos, *blocks] + [self.scratch] * (width - len(blocks)))
         rows += [[0, 0] + [self.scratch] * width] * (batch - n)  # padding: token 0 at position 0 of the scratch
         packed = torch.tensor(rows, dtype=torch.int64)  # (batch, 2 + width)
-        packed = to_device(packed, self.device)
+        packed = host_to_device(packed, self.device)
         return packed[:, 0], packed[:, 1], packed[:, 2:]
 
     @torch.inference_mode()
