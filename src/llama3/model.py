@@ -168,9 +168,16 @@ class Attention(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None:  # the keys and values of earlier positions join the new ones
             k, v = cache.update(self.layer_id, k, v)  # (batch, n_kv_heads, keys, head_dim)
-        # Grouped-query attention without copying K/V: SDPA lets n_rep query heads share each KV head.
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                             is_causal=mask is None and seq > 1, enable_gqa=self.n_rep > 1)
+        k, v = k.to(q.dtype), v.to(q.dtype)
+        if seq == 1 and self.n_rep > 1:
+            # One new token: the n_rep query heads sharing a KV head are that head's n_rep queries, so
+            # attention runs with plain heads (batch, n_kv_heads, n_rep, head_dim) and never copies K/V
+            # (enable_gqa does, n_rep times, on the SDPA kernels without grouped heads: math, efficient).
+            out = F.scaled_dot_product_attention(q.reshape(batch, self.n_kv_heads, self.n_rep, self.head_dim), k, v,
+                                                 attn_mask=mask).view(batch, self.n_heads, 1, self.head_dim)
+        else:  # grouped-query attention: SDPA lets n_rep query heads share each KV head
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1,
+                                                 enable_gqa=self.n_rep > 1)
         out = tap("heads_concat", out.transpose(1, 2).reshape(batch, seq, self.n_heads * self.head_dim))
         return tap("out", self.wo(out))
 

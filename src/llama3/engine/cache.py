@@ -2,7 +2,8 @@
 llama.cpp's unified cache and ``cache_prompt``).
 
 Memory is one pool of fixed-size blocks, each holding ``block_size`` consecutive positions of one
-sequence for every layer: ``pool`` is (n_blocks, n_layers, 2 (k, v), n_kv_heads, block_size, head_dim).
+sequence for every layer: ``pool`` is (n_blocks + 1, n_layers, 2 (k, v), n_kv_heads, block_size, head_dim)
+(the last block, ``scratch``, is never given to a sequence).
 A sequence owns a block table (its blocks in position order): position p lives in block
 ``table[p // block_size]`` at offset ``p % block_size``. Blocks are handed out as sequences grow and
 given back when they end, so memory follows the tokens actually in flight: on the CPU the pool is
@@ -78,11 +79,14 @@ class PagedKVCache:
         self.dtype = dtype or torch.float16
         self.n_blocks = max(1, math.ceil(max_tokens / block_size))
         self.prefix_caching = prefix_caching
-        shape = (self.n_blocks, args.n_layers, 2, kv_heads or args.kv_heads, block_size, args.head_dim)
+        # One block more than sequences can get: ``scratch``, where writes that must land somewhere and mean
+        # nothing go (the padding rows of a static-shape step, llama3.engine.static).
+        self.scratch = self.n_blocks
+        shape = (self.n_blocks + 1, args.n_layers, 2, kv_heads or args.kv_heads, block_size, args.head_dim)
         self.block_bytes = math.prod(shape[1:]) * torch.finfo(self.dtype).bits // 8
         self._mm = None
         if device.type == "cpu":  # address space only: a page becomes resident when first written
-            self._mm = mmap.mmap(-1, self.n_blocks * self.block_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self._mm = mmap.mmap(-1, shape[0] * self.block_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             self.pool = torch.frombuffer(self._mm, dtype=torch.uint8).view(self.dtype).view(shape)
         else:
             self.pool = torch.zeros(shape, dtype=self.dtype, device=device)

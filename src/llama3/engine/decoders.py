@@ -56,12 +56,16 @@ class TorchDecoder(Decoder):
     @torch.inference_mode()
     def prefill(self, tokens, slot, start, all_logits=False):
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
-        view = self.cache.view([slot])
+        view = self.prefill_view(slot)
         out = []
         for s in range(0, ids.shape[1], PREFILL_CHUNK):
             logits = self.model(ids[:, s:s + PREFILL_CHUNK], start_pos=start + s, cache=view, last_only=not all_logits)
             out.append(logits[0].float().cpu())
         return torch.cat(out) if all_logits else out[-1][-1]
+
+    def prefill_view(self, slot: int):
+        """The cache as a prefill of sequence ``slot`` sees it."""
+        return self.cache.view([slot])
 
     @torch.inference_mode()
     def step(self, tokens, positions, slots):

@@ -27,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..device_sampling import choose_on_device
 from ..model import Transformer
 from ..sampling import SamplingParams, apply_penalties, make_sampler
 from ..tokenizer import Tokenizer
@@ -77,6 +78,7 @@ class _Running:
         self.req, params = req, req.params
         self.sampler = make_sampler(params)
         self.rng = None
+        self.device_rng = None  # a generator on the GPU, for sampling there (llama3.device_sampling)
         if params.seed is not None:
             self.rng = torch.Generator().manual_seed(params.seed)
         elif not params.greedy:
@@ -184,8 +186,8 @@ class Engine:
                  prefill_chunk: int = PREFILL_CHUNK, threads: int | None = None):
         """``context``: most positions one sequence may use (default: the model's). ``cache_tokens``: the
         cache's size in positions for all sequences together (default: every batch slot at full context,
-        capped by ``memory_budget_bytes``). ``decoder``: "auto" (``choose_decoder``), "c", "torch", or a
-        function (model, cache) -> Decoder."""
+        capped by ``memory_budget_bytes``). ``decoder``: "auto" (``choose_decoder``), "c", "static", "torch",
+        or a function (model, cache) -> Decoder."""
         from .policy import make_decoder
 
         if max_batch < 1:
@@ -359,13 +361,19 @@ class Engine:
             return
         tokens = [s.generated[-1] for s in ready]
         positions = [self.cache.length(s.slot) for s in ready]
-        logits = self.decoder.step(tokens, positions, [s.slot for s in ready])
-        for seq, token, row in zip(ready, tokens, logits):
+        slots = [s.slot for s in ready]
+        if hasattr(self.decoder, "step_on_device"):  # sample where the logits are: one transfer per step
+            logits = self.decoder.step_on_device(tokens, positions, slots)
+            picks = choose_on_device(ready, logits)
+        else:
+            logits, picks = self.decoder.step(tokens, positions, slots), [None] * len(ready)
+        for seq, token, row, pick in zip(ready, tokens, logits, picks):
             self.cache.append(seq.slot, [token])
-            self._emit(seq, row, out)
+            self._emit(seq, row, out, pick)
 
-    def _emit(self, seq: _Running, logits: torch.Tensor, out: list[Step]) -> None:
-        token, logprob, top = seq.choose(logits)
+    def _emit(self, seq: _Running, logits: torch.Tensor, out: list[Step], pick=None) -> None:
+        """``pick``: (token, logprob, top) already chosen on the device; None: choose here from ``logits``."""
+        token, logprob, top = pick or seq.choose(logits.float().cpu())
         at_end = self.cache.length(seq.slot) + 1 >= self.context
         text, reason = seq.feed(token, at_end)
         out.append(Step(token, text, logprob, top, reason, seq.req.index, seq.req.id))

@@ -7,26 +7,32 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import Transformer
+from ..model import Transformer, no_tap
 from .cache import PagedKVCache
 from .decoders import Decoder, TorchDecoder
 
 
 @dataclass
 class Choice:
-    name: str  # "c" | "torch"
+    name: str  # "c" | "static" | "torch"
     reason: str  # why this one (and, for "torch" on a CPU, why not the C step)
 
 
 def choose_decoder(model: Transformer, kv_dtype: torch.dtype | None = None) -> Choice:
-    """The C step wherever it can run (a CPU model whose matrices are blocks or 16-bit, the kernels
-    built, no trace attached); ``Transformer.forward`` otherwise, and always on the exact float path."""
+    """On CUDA the static-shape step (compiled, replayed as CUDA graphs). On a CPU the C step wherever it can
+    run (a model whose matrices are blocks or 16-bit, the kernels built, no trace attached);
+    ``Transformer.forward`` otherwise, and always on the exact float path."""
     from .cdecoder import CDecoder
 
     if getattr(model, "tp_session", None) is not None:
         return Choice("torch", f"Transformer.forward over {model.tp_session.world} ranks (tensor parallel)")
-    if model.norm.weight.device.type != "cpu":
-        return Choice("torch", f"Transformer.forward on {model.norm.weight.device.type} (the C step is for CPUs)")
+    device = model.norm.weight.device.type
+    if device == "cuda":
+        if _traced(model):
+            return Choice("torch", "Transformer.forward on cuda (a trace is attached: its taps run eagerly)")
+        return Choice("static", "a static-shape step without host syncs, compiled and replayed as CUDA graphs")
+    if device != "cpu":
+        return Choice("torch", f"Transformer.forward on {device} (the C step is for CPUs, CUDA graphs for CUDA)")
     why = CDecoder.why_not(model, kv_dtype)
     if why is None:
         return Choice("c", "each decode step is one C call")
@@ -46,14 +52,19 @@ def choose_prefill_dtype(device: torch.device) -> Choice:
     return Choice("float32", "prefill in float32" + (" (no bfloat16 hardware)" if device.type == "cpu" else ""))
 
 
+def _traced(model: Transformer) -> bool:
+    return any(getattr(m, "tap", no_tap) is not no_tap for m in model.modules())
+
+
 def make_decoder(decoder, model: Transformer, cache: PagedKVCache, threads: int | None = None) -> Decoder:
-    """``decoder``: "auto" (``choose_decoder``), "c", "torch", or a function (model, cache) -> Decoder."""
+    """``decoder``: "auto" (``choose_decoder``), "c", "static", "torch", or a function (model, cache) -> Decoder."""
     from .cdecoder import CDecoder
+    from .static import StaticDecoder
 
     if callable(decoder):
         return decoder(model, cache)
-    if decoder not in ("auto", "c", "torch"):
-        raise ValueError(f"unknown decoder {decoder!r}; expected auto, c or torch")
+    if decoder not in ("auto", "c", "static", "torch"):
+        raise ValueError(f"unknown decoder {decoder!r}; expected auto, c, static or torch")
     name = choose_decoder(model, cache.dtype).name if decoder == "auto" else decoder
     if getattr(model, "tp_session", None) is not None:  # rank 0 of a tensor-parallel run drives every rank
         if name != "torch":
@@ -63,4 +74,6 @@ def make_decoder(decoder, model: Transformer, cache: PagedKVCache, threads: int 
         return ParallelDecoder(model, cache, model.tp_session)
     if name == "c":
         return CDecoder(model, cache, threads=threads)
+    if name == "static":
+        return StaticDecoder(model, cache)
     return TorchDecoder(model, cache)
