@@ -133,8 +133,19 @@ def test_smollm2_two_ranks_equal_one(quantize, smollm2, smollm2_fast):
         exact = prefill_logits(smollm2, prompt, Engine(smollm2.model, smollm2.tokenizer, decoder="torch"))
         for stat in (lambda e: e.abs().max(), lambda e: e.pow(2).mean().sqrt()):
             assert stat(logits - exact) < 1.5 * stat(expected - exact), (stat(logits - exact), stat(expected - exact))
-    engine.add(Request(ref.encode_prompt(prompt), SamplingParams(max_new_tokens=16, temperature=0)))
-    assert tokens == [s.token_id for s in engine.run()]
+    engine.add(Request(ref.encode_prompt(prompt), SamplingParams(max_new_tokens=16, temperature=0, logprobs=2)))
+    steps = list(engine.run())
+    if quantize is None:
+        assert tokens == [s.token_id for s in steps]
+    else:  # equal greedy tokens up to the first near tie (top-2 margin under 1 nat: the noise measured above)
+        checked = 0
+        for mine, step in zip(tokens, steps):
+            first, second = sorted(step.top_logprobs.values(), reverse=True)[:2]
+            if first - second < 1.0:
+                break
+            assert mine == step.token_id
+            checked += 1
+        assert checked >= 4, checked
     assert "over 2 ranks" in described
     total = weight_bytes(ref.model)
     # 9 heads on 2 ranks: 4 + 5, with KV heads copied (4 + 4 of 3): a little over half each

@@ -12,10 +12,15 @@ from .shards import read_shard_checkpoint
 from .split import build_shard, describe_split
 
 
-def load_shard(session: Session, path=None, *, dtype=None, quantize: str | None = "auto", check: bool = True):
+def load_shard(session: Session, path=None, *, dtype=None, quantize: str | None = "auto", check: bool = True,
+               prefill_dtype="auto"):
     """(this rank's ``Checkpoint`` of slices, its sharded Transformer with collectives, on ``session.device``)."""
+    import torch
+
     from .. import kernels
+    from ..engine import choose_prefill_dtype
     from ..loading import check_quantize, default_dtype, parse_dtype
+    from ..quantize import set_prefill_dtype
     from ..weights import default_model_path
 
     device = session.device
@@ -28,6 +33,7 @@ def load_shard(session: Session, path=None, *, dtype=None, quantize: str | None 
     opts = ReadOptions(dtype=dtype, keep=frozenset(keep), quantize=kind, check=check)
     ckpt, split = read_shard_checkpoint(path, session.world, session.rank, opts)
     model = build_shard(ckpt.args, ckpt.state, split, session.group, device=device, path=ckpt.path)
+    set_prefill_dtype(model, parse_dtype(prefill_dtype) or getattr(torch, choose_prefill_dtype(device).name))
     ckpt.state = {}
     return ckpt, model
 
