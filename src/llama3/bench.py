@@ -110,7 +110,13 @@ class TransformersEngine:
     name = "transformers"
 
     def __init__(self, model, threads):
+        import logging as std_logging
+
         import torch
+
+        # transformers imports torchao when it is installed, whose CUDA-only extensions then log that they
+        # cannot load on a CPU build of torch: noise, not a failure
+        std_logging.getLogger("torchao").setLevel(std_logging.ERROR)
         import transformers
         from transformers import AutoModelForCausalLM
         from transformers.utils import logging
