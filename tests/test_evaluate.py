@@ -19,7 +19,8 @@ import torch
 import llama3
 from llama3.embeddings import embed
 from llama3.evaluate import (add_eval_parser, add_perplexity_parser, encode_pair, evaluate_task, final_hidden_states,
-                             lm_eval_model_class, loglikelihood, loglikelihood_batch, perplexity, prompt_logprobs,
+                             lm_eval_model_class, loglikelihood, loglikelihood_batch, min_rows, perplexity,
+                             prompt_logprobs,
                              read_task)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def reference_loglikelihood(model, context, continuation):
     """Sum of log p(continuation | context) from one full forward pass, and whether it is the argmax path."""
-    tokens = torch.tensor([(context + continuation)[:-1]])  # the last token predicts nothing that is scored
+    ids = (context + continuation)[:-1]  # the last token predicts nothing that is scored
+    # right-padded to min_rows positions, as scoring pads (padding after every real token changes nothing
+    # causal attention lets them see), so quantized layers take the same path as scoring does
+    tokens = torch.tensor([ids + [0] * max(0, min_rows(model) - len(ids))])
     with torch.inference_mode():
         logprobs = torch.log_softmax(model(tokens)[0].double(), dim=-1)
     n = len(continuation)
@@ -69,8 +73,6 @@ def test_final_hidden_states_are_what_the_output_projection_reads(smollm2):
 @pytest.mark.parametrize("fixture", ["smollm2", "smollm2_fast"])
 def test_loglikelihood_equals_log_softmax_of_the_logits(fixture, request):
     llm = request.getfixturevalue(fixture)
-    # each pair longer than 8 tokens, so that the reference's own forward pass takes the float GEMM path of
-    # quantized layers, as scoring always does (llama3.evaluate._MIN_ROWS)
     pairs = [encode_pair(llm, "Question: what is the capital of France? Answer: The capital of France is", " Paris"),
              encode_pair(llm, "At sea level, pure water boils at", " 100 degrees Celsius at sea level."),
              encode_pair(llm, "1, 2, 3, 4, 5, 6, 7,", " 8"),
@@ -119,8 +121,9 @@ def test_prompt_logprobs_equal_log_softmax_of_the_logits(fixture, request):
     llm = request.getfixturevalue(fixture)
     ids = llm.encode_prompt("The capital of France is Paris. The capital of Italy is Rome.")
     got = prompt_logprobs(llm, ids, top=3, chunk=5)  # several chunks
+    padded = ids[:-1] + [0] * max(0, min_rows(llm.model) - len(ids) + 1)  # as scoring pads (see above)
     with torch.inference_mode():
-        ref = torch.log_softmax(llm.model(torch.tensor([ids[:-1]]))[0].double(), dim=-1)
+        ref = torch.log_softmax(llm.model(torch.tensor([padded]))[0].double(), dim=-1)
     assert got[0] == (None, {}) and len(got) == len(ids)
     for i, (lp, top) in enumerate(got[1:]):
         assert lp == pytest.approx(float(ref[i, ids[i + 1]]), abs=1e-4)

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from .evaluate import _padded, final_hidden_states
+from .evaluate import _padded, final_hidden_states, min_rows
 
 POOLINGS = ("mean", "last")
 
@@ -45,7 +45,8 @@ def embed(llm, texts: str | Sequence[str] | Sequence[Sequence[int]], pooling: st
     order = sorted(range(len(rows)), key=lambda k: -len(rows[k]))  # similar lengths batch together
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        h = final_hidden_states(llm.model, _padded([rows[k] for k in chunk])).float().cpu()  # (batch, seq, dim)
+        h = final_hidden_states(llm.model, _padded([rows[k] for k in chunk], min_rows(llm.model)))  # (batch, seq, dim)
+        h = h.float().cpu()
         for j, k in enumerate(chunk):
             n = len(rows[k])
             out[k] = h[j, :n].mean(0) if pooling == "mean" else h[j, n - 1]

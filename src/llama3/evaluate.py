@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 
 from .model import Transformer, rope_angles
-from .quantize import GEMV_MAX_ROWS
+from .quantize import PREFILL_ANY_ROWS, QuantLinear
 
 
 # ------------------------------------------------------------------------------ forward passes
@@ -60,24 +60,27 @@ def final_hidden_states(model, tokens: torch.Tensor) -> torch.Tensor:
     return m.norm(h)
 
 
-# Quantized layers (llama3.quantize.QuantLinear) run inputs of at most GEMV_MAX_ROWS rows through int8-activation
-# kernels and larger ones through a dequantized float GEMM. Scoring always feeds more rows than that, so a
-# request's score never depends on what it is batched with (and equals the full forward pass's).
-_MIN_ROWS = GEMV_MAX_ROWS + 1
+def min_rows(model) -> int:
+    """Quantized layers (llama3.quantize.QuantLinear) run inputs of at most ``kernel_rows`` rows through the
+    block kernels (each row on its own) and larger ones through a dequantized GEMM. Where that bound is
+    finite, scoring always feeds more rows than it, so a request's score never depends on what it is
+    batched with; where the kernels run every length (1), it cannot anyway."""
+    rows = [m.kernel_rows for m in _transformer(model).modules() if isinstance(m, QuantLinear)]
+    return max(rows) + 1 if rows and max(rows) < PREFILL_ANY_ROWS else 1
 
 
 def _logprobs_at(model, h: torch.Tensor) -> torch.Tensor:
     """log_softmax of the logits for hidden states h (n, dim), float32 on the CPU."""
-    n = h.shape[0]
-    if n < _MIN_ROWS:
-        h = torch.cat([h, h.new_zeros(_MIN_ROWS - n, h.shape[1])])
+    n, least = h.shape[0], min_rows(model)
+    if n < least:
+        h = torch.cat([h, h.new_zeros(least - n, h.shape[1])])
     return torch.log_softmax(_transformer(model).output(h)[:n].float(), dim=-1).cpu()
 
 
-def _padded(rows: Sequence[Sequence[int]]) -> torch.Tensor:
+def _padded(rows: Sequence[Sequence[int]], least: int = 1) -> torch.Tensor:
     """Rows right-padded with token 0 into (batch, longest): padding comes after every real token, so
-    causal attention never lets a real position see it (at least _MIN_ROWS positions, see above)."""
-    longest = max(_MIN_ROWS, max(len(r) for r in rows))
+    causal attention never lets a real position see it (at least ``least`` positions: ``min_rows``)."""
+    longest = max(least, max(len(r) for r in rows))
     return torch.tensor([list(r) + [0] * (longest - len(r)) for r in rows], dtype=torch.long)
 
 
@@ -111,7 +114,7 @@ def loglikelihood_batch(model, requests: Sequence[tuple[Sequence[int], Sequence[
     results: list[tuple[float, bool] | None] = [None] * len(prepared)
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        h = final_hidden_states(m, _padded([prepared[k][0] for k in chunk]))
+        h = final_hidden_states(m, _padded([prepared[k][0] for k in chunk], min_rows(m)))
         # the last n real positions of each row predict its n continuation tokens
         rows = [h[j, len(prepared[k][0]) - prepared[k][1]:len(prepared[k][0])] for j, k in enumerate(chunk)]
         logprobs = _logprobs_at(m, torch.cat(rows))
@@ -142,7 +145,7 @@ def prompt_logprobs(model, token_ids: Sequence[int], top: int = 0,
     out: list[tuple[float | None, dict[int, float]]] = [(None, {})]
     if len(ids) == 1:
         return out
-    h = final_hidden_states(m, _padded([ids[:-1]]))[0, :len(ids) - 1]  # position i predicts token i + 1
+    h = final_hidden_states(m, _padded([ids[:-1]], min_rows(m)))[0, :len(ids) - 1]  # position i predicts token i + 1
     for start in range(0, h.shape[0], chunk):  # (chunk, vocab) logprobs at a time, not (seq, vocab)
         logprobs = _logprobs_at(m, h[start:start + chunk])
         targets = torch.tensor(ids[start + 1:start + 1 + logprobs.shape[0]])

@@ -114,7 +114,7 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
     bfloat16 on CPUs with bfloat16 hardware, else float32).
     """
     from . import kernels
-    from .engine import choose_prefill_dtype
+    from .engine.policy import choose_prefill_dtype, prefill_kernel_rows
     from .quantize import set_prefill_dtype
     from .weights import checkpoint_bytes, default_model_path, detect_format, load_checkpoint, progress_bar
 
@@ -133,7 +133,8 @@ def load(path=None, *, device=None, dtype=None, quantize: str | None = "auto", f
         ckpt = load_checkpoint(target, dtype, quiet, keep=keep, quantize=kind, check=check, progress=bar)
         bar.set_description_str("building the model")
         model = build_model(ckpt.args, ckpt.state, device=device, path=ckpt.path)
-        set_prefill_dtype(model, prefill or getattr(torch, choose_prefill_dtype(device).name))
+        gemm = prefill or getattr(torch, choose_prefill_dtype(device).name)
+        set_prefill_dtype(model, gemm, prefill_kernel_rows(gemm))
         del ckpt.state
         bar.set_description_str("building the tokenizer")
         tokenizer, chat = tokenizer_and_chat(ckpt)

@@ -21,7 +21,8 @@ from torch import nn
 from . import kernels
 from .kernels import BLOCK, FLOAT_DTYPE, IQ4_LEVELS, SUPPORTED_KINDS
 
-GEMV_MAX_ROWS = 8  # inputs with more rows than this take the dequantize + float GEMM path
+GEMV_MAX_ROWS = 8  # by default, inputs with more rows than this take the dequantize + float GEMM path
+# (``QuantLinear.kernel_rows``; the engine's policy raises it: engine.policy.prefill_kernel_rows)
 # --quantize schemes: int8 = Q8_0; int4 = Q4_K (with llama.cpp's Q4_K_M choice of Q6_K for the output
 # projection); or a GGML type by name
 SCHEMES = ("int8", "int4", *(kind.lower() for kind in SUPPORTED_KINDS if kind != "F32"))
@@ -413,6 +414,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.kind, self.out_features, self.in_features = qt.kind, qt.rows, qt.k
         self.prefill_dtype = torch.float32  # the GEMM dtype of long inputs (an engine policy may pick bfloat16)
+        self.kernel_rows = GEMV_MAX_ROWS  # inputs up to this many rows run through the block kernels
         self.register_buffer("data", qt.data)
 
     @property
@@ -422,7 +424,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] <= GEMV_MAX_ROWS:
+        if x2.shape[0] <= self.kernel_rows:
             y = kernels.matmul(self.qtensor, x2)
         else:
             w = self.qtensor.dequantize(self.prefill_dtype)
@@ -514,14 +516,22 @@ def describe(model) -> str:
     lib = f"C kernels ({kernels.isa()})" if kernels.library() is not None else \
         f"PyTorch fallback ({kernels.why_not()})"
     acts = "int8 activations" if any(k not in FLOAT_DTYPE for k in kinds) else "float32 activations"
-    prefill = {str(m.prefill_dtype).replace("torch.", "") for m in model.modules() if isinstance(m, QuantLinear)}
-    return f"quantized {'/'.join(kinds)} weights, {acts}, {lib}, prefill GEMMs in {'/'.join(sorted(prefill))}"
+    layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    gemm = f"{str(layer.prefill_dtype).replace('torch.', '')} GEMMs"
+    prefill = f"prefill: the block kernels up to {layer.kernel_rows} rows, then {gemm}" \
+        if layer.kernel_rows < PREFILL_ANY_ROWS else "prefill: the block kernels at any length"
+    return f"quantized {'/'.join(kinds)} weights, {acts}, {lib}, {prefill}"
 
 
-def set_prefill_dtype(model, dtype: torch.dtype) -> None:
-    """The dtype every QuantLinear dequantizes its layer to for long inputs (``engine.choose_prefill_dtype``)."""
+PREFILL_ANY_ROWS = 1 << 30  # kernel_rows meaning "always the block kernels"
+
+
+def set_prefill_dtype(model, dtype: torch.dtype, kernel_rows: int = GEMV_MAX_ROWS) -> None:
+    """How every QuantLinear multiplies inputs of several rows: up to ``kernel_rows`` rows with the block
+    kernels, longer ones by dequantizing its layer to ``dtype`` for a GEMM (``engine.choose_prefill_dtype``,
+    ``engine.policy.prefill_kernel_rows``)."""
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"prefill dtype must be float32, bfloat16 or float16, got {dtype}")
     for m in model.modules():
         if isinstance(m, QuantLinear):
-            m.prefill_dtype = dtype
+            m.prefill_dtype, m.kernel_rows = dtype, kernel_rows

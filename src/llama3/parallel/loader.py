@@ -18,7 +18,7 @@ def load_shard(session: Session, path=None, *, dtype=None, quantize: str | None 
     import torch
 
     from .. import kernels
-    from ..engine import choose_prefill_dtype
+    from ..engine.policy import choose_prefill_dtype, prefill_kernel_rows
     from ..loading import check_quantize, default_dtype, parse_dtype
     from ..quantize import set_prefill_dtype
     from ..weights import default_model_path
@@ -33,7 +33,8 @@ def load_shard(session: Session, path=None, *, dtype=None, quantize: str | None 
     opts = ReadOptions(dtype=dtype, keep=frozenset(keep), quantize=kind, check=check)
     ckpt, split = read_shard_checkpoint(path, session.world, session.rank, opts)
     model = build_shard(ckpt.args, ckpt.state, split, session.group, device=device, path=ckpt.path)
-    set_prefill_dtype(model, parse_dtype(prefill_dtype) or getattr(torch, choose_prefill_dtype(device).name))
+    gemm = parse_dtype(prefill_dtype) or getattr(torch, choose_prefill_dtype(device).name)
+    set_prefill_dtype(model, gemm, prefill_kernel_rows(gemm))
     ckpt.state = {}
     return ckpt, model
 
