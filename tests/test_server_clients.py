@@ -376,11 +376,15 @@ def test_omitted_sampling_fields_take_the_defaults(client, llm):
 
 
 # ------------------------------------------------------------------------------ lm-evaluation-harness
-def test_lm_eval_local_completions_gives_the_python_api_accuracy(server, llm, tmp_path, monkeypatch):
+def test_lm_eval_local_completions_gives_the_python_api_accuracy(float_server, smollm2, tmp_path, monkeypatch):
     """lm-eval's ``local-completions`` model (token-id prompts, echo, logprobs=1, max_tokens=1; the server's
     /tokenizer_info and /tokenize as its remote tokenizer) and the Python API's model class
     (``llama3.evaluate``) give the same accuracy on a local multiple-choice task, and the per-choice
-    log-likelihoods agree within 2e-3 per token (engine prefill against the forward pass: see above)."""
+    log-likelihoods agree within 1e-3, on the exact float path (the server's engine prefill against the
+    model class's padded forward pass: float32 sums in another order). On the quantized path the two
+    computations take different kernels (int8 activations for short prompts, a dequantized GEMM for
+    padded batches), and a last-bit difference that crosses an int8 rounding step moves a choice's
+    log-likelihood by up to ~0.4: there only the accuracy would be comparable."""
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is a test extra (pip install -e '.[test]')")
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.tasks import TaskManager
@@ -405,18 +409,13 @@ metric_list:
   - metric: acc
 """)
     tasks = TaskManager(include_path=str(tmp_path))
-    remote = LocalCompletionsAPI(base_url=server.base + "/v1/completions", model="SmolLM2-135M-Instruct.Q4_1",
+    remote = LocalCompletionsAPI(base_url=float_server.base + "/v1/completions", model="SmolLM2-135M-Instruct.Q4_1",
                                  tokenizer_backend="remote", num_concurrent=1, max_retries=1, batch_size=4)
-    local = lm_eval_model_class()(llm, batch_size=4)
+    local = lm_eval_model_class()(smollm2, batch_size=4)
     results = [lm_eval.simple_evaluate(model=m, tasks=["tiny_mc_server"], task_manager=tasks, log_samples=True)
                for m in (remote, local)]
     accs = [out["results"]["tiny_mc_server"]["acc,none"] for out in results]
     assert accs[0] == accs[1] > 0.5
     lls = [[r[0][0] for s in out["samples"]["tiny_mc_server"] for r in s["resps"]] for out in results]
     assert len(lls[0]) == sum(len(ex["choices"]) for ex in MC_TASK)
-    # The server scores each prompt alone through the engine, the model class pads 4 into one forward pass:
-    # with float32 prefill GEMMs they agree within 2e-3 per token (8 tokens a choice); with bfloat16 ones
-    # (chosen on CPUs with bfloat16 hardware) any change in summation order can cross a bfloat16 rounding
-    # boundary, a 2^-9 relative step in an activation: measured up to 0.053 a choice, bound 0.1.
-    bf16 = "prefill GEMMs in bfloat16" in llm.describe()
-    assert lls[0] == pytest.approx(lls[1], abs=0.1 if bf16 else 2e-3 * 8)
+    assert lls[0] == pytest.approx(lls[1], abs=1e-3)
