@@ -280,6 +280,8 @@ def build(model: str, kinds: list[str], with_llama_cpp: bool, threads: int) -> d
 
 # ---------------------------------------------------------------------------- the engines (worker processes)
 def cpu_flags() -> set[str]:
+    """llama3.kernels.cpu_flags without importing llama3 (and torch) into llama.cpp's worker, whose peak
+    RSS is measured."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("flags"):

@@ -256,6 +256,15 @@ def test_cli_tp_error_exits_every_rank(tmp_path):
     assert time.monotonic() - t0 < 60
 
 
+@pytest.mark.parametrize("flags", [["--threads", "1"], ["--kv-dtype", "float32"], ["--prefill-dtype", "float32"]])
+def test_cli_refuses_run_options_the_ranks_do_not_take(flags):
+    """Options the ranks' engines do not take yet are refused (status 2, one line), not ignored."""
+    proc = subprocess.run([sys.executable, "-m", "llama3", "generate", "--tp", "2", *flags, "hello"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and f"{flags[0]} cannot be combined with tensor parallelism" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("launcher", ["--tp", "torchrun"])
 def test_cli_generate_tp2_matches_one_process(smollm2_fast, launcher):
     """`llama3 generate --tp 2` (ranks started by llama3) and `torchrun --nproc-per-node 2 -m llama3 generate`."""

@@ -86,7 +86,7 @@ def test_prefill_dtype_follows_the_cpus_bf16_hardware(monkeypatch, flags, expect
     from llama3 import kernels
     from llama3.engine import choose_prefill_dtype
 
-    monkeypatch.setattr(kernels, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     assert choose_prefill_dtype(torch.device("cpu")).name == expected
     assert choose_prefill_dtype(torch.device("meta")).name == "float32"  # not a CPU: no CPU feature applies
 

@@ -653,6 +653,12 @@ def _main(argv: list[str] | None) -> int:
 
         if getattr(ns, "tp", 1) < 1:
             parser.error(f"--tp must be >= 1, got {ns.tp}")
+        unsupported = [flag for flag, given in (("--threads", getattr(ns, "threads", None) is not None),
+                                                ("--kv-dtype", getattr(ns, "kv_dtype", "auto") != "auto"),
+                                                ("--prefill-dtype", getattr(ns, "prefill_dtype", "auto") != "auto"))
+                       if given]
+        if unsupported:  # the ranks' engines do not take them yet: refused rather than ignored
+            parser.error(f"{', '.join(unsupported)} cannot be combined with tensor parallelism yet")
         return _run(ns, lambda: parallel_main(ns, sys.argv[1:] if argv is None else list(argv), lambda: _run(ns)))
     return _run(ns)
 

@@ -109,7 +109,8 @@ _tried = False
 _why_not = ""
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags, as /proc/cpuinfo lists them (empty where it cannot be read)."""
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("flags"):
@@ -126,7 +127,7 @@ def bf16_hardware() -> str | None:
     """The CPU's hardware bfloat16 feature ("amx_bf16" or "avx512_bf16"), or None. oneDNN runs PyTorch's
     bfloat16 matmuls on it (measured here on avx512_bf16: 913 GFLOP/s against 171 in float32); without
     it, bfloat16 matmuls are emulated and far slower than float32."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return next((f for f in BF16_FLAGS if f in flags), None)
 
 
@@ -139,7 +140,7 @@ def runnable_isas() -> list[str]:
     """The ISAs this CPU can run, best last."""
     if sys.platform != "linux" or os.uname().machine not in ("x86_64", "AMD64"):
         return []
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return [name for name, (_, needs) in ISAS.items() if needs <= flags]
 
 
@@ -147,7 +148,7 @@ def build(isa: str = "avx2", verbose: bool = False) -> Path | None:
     """Compile the kernels for ``isa`` (once per source version) and return the library's path, or None
     (then ``_errors[isa]`` says why)."""
     if isa not in runnable_isas():
-        missing = ISAS[isa][1] - _cpu_flags() if isa in ISAS else set()
+        missing = ISAS[isa][1] - cpu_flags() if isa in ISAS else set()
         _errors[isa] = (f"unknown ISA {isa!r} (expected one of {', '.join(ISAS)})" if isa not in ISAS else
                         "the C kernels are for x86-64 Linux" if sys.platform != "linux" else
                         f"this CPU lacks {', '.join(sorted(missing))}")

@@ -23,7 +23,7 @@ import torch
 
 from ..quantize import QuantTensor
 from ..weights.common import (Checkpoint, CheckpointError, FileMap, ReadOptions, check_layers, check_shapes,
-                              file_ranges, finish_tensor, read_json_object, release_pages, show)
+                              file_ranges, finish_tensor, read_json_object, release_pages)
 from .split import Split, plan, slice_blocks, take, tensor_slice
 
 
@@ -83,24 +83,9 @@ def _meta(folder: Path, world: int, rank: int, opts: ReadOptions):
 
 # --------------------------------------------------------------------------------------- Hugging Face
 def _hf(folder: Path, world: int, rank: int, opts: ReadOptions):
-    from ..weights.hf import _view, args_from_hf_config, hf_to_meta_qk, meta_name, read_safetensors_header, \
-        safetensors_files
+    from ..weights.hf import _view, hf_to_meta_qk, index_hf_folder
 
-    config_path = folder / "config.json"
-    args = args_from_hf_config(read_json_object(config_path), config_path)
-    where = {}
-    for file in safetensors_files(folder):
-        for key, entry in read_safetensors_header(file).items():
-            meta = meta_name(key)
-            if meta is None:
-                if "rotary_emb" in key:
-                    continue
-                raise CheckpointError(file, f"unexpected tensor {show(key)} for a Llama model")
-            if meta in where:
-                raise CheckpointError(file, f"tensor {key!r} appears in two files")
-            where[meta] = (file, key, entry)
-    check_layers(config_path, "num_hidden_layers", args.n_layers, where)
-    check_shapes(folder, args, {meta: e.shape for meta, (_, _, e) in where.items()})
+    args, _, where = index_hf_folder(folder)
     split = plan(args, world, rank)
     maps: dict[Path, FileMap] = {}
     state, dequantized = {}, []
@@ -123,24 +108,10 @@ def _hf(folder: Path, world: int, rank: int, opts: ReadOptions):
 
 # ------------------------------------------------------------------------------------------------- GGUF
 def _gguf(path: Path, world: int, rank: int, opts: ReadOptions):
-    from ..weights.gguf import (SUPPORTED_TYPES, _float_view, args_from_metadata, check_header, check_tokenizer_metadata,
-                                meta_name, read_tensor)
+    from ..weights.gguf import _float_view, index_gguf, read_tensor
 
     path = str(path)
-    header = check_header(path)
-    infos = {}
-    for name, info in header.tensors.items():
-        if name == "rope_freqs.weight":
-            continue
-        meta = meta_name(name)
-        if meta is None:
-            raise CheckpointError(path, f"unexpected tensor {show(name)} for a Llama model")
-        if info.kind not in SUPPORTED_TYPES and info.kind not in opts.keep:
-            raise CheckpointError(path, f"tensor {name!r} has type {info.kind}, which cannot be read")
-        infos[meta] = info
-    args = args_from_metadata(path, header)
-    check_shapes(path, args, {m: i.shape for m, i in infos.items()})
-    check_tokenizer_metadata(path, header.metadata, args.vocab_size)
+    header, args, infos = index_gguf(path, opts)
     fm = FileMap(path)
     if "rope_freqs.weight" in header.tensors:
         info = header.tensors["rope_freqs.weight"]

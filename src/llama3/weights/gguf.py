@@ -527,9 +527,9 @@ def read_tensor(path: str, meta: str, info: TensorInfo, raw: np.ndarray, opts: R
     return finish_tensor(path, meta, t.view(info.shape), opts, dequantized)
 
 
-def load_gguf(path: str, opts: ReadOptions = ReadOptions(), progress=None) -> Checkpoint:
-    """A ``Checkpoint`` of a GGUF file: its args, Meta-named tensors (read as ``opts`` says), the header's
-    metadata, the tensors dequantized as a last resort and those read in place."""
+def index_gguf(path: str, opts: ReadOptions = ReadOptions()) -> tuple[Header, ModelArgs, dict[str, TensorInfo]]:
+    """(the checked header, args, Meta name -> tensor info) with no tensor data read: every tensor a
+    Llama one of a kind ``opts`` can read, shapes and tokenizer metadata checked against the args."""
     header = check_header(path)
     infos = {}
     for name, info in header.tensors.items():
@@ -545,6 +545,13 @@ def load_gguf(path: str, opts: ReadOptions = ReadOptions(), progress=None) -> Ch
     args = args_from_metadata(path, header)
     check_shapes(path, args, {m: i.shape for m, i in infos.items()})
     check_tokenizer_metadata(path, header.metadata, args.vocab_size)
+    return header, args, infos
+
+
+def load_gguf(path: str, opts: ReadOptions = ReadOptions(), progress=None) -> Checkpoint:
+    """A ``Checkpoint`` of a GGUF file: its args, Meta-named tensors (read as ``opts`` says), the header's
+    metadata, the tensors dequantized as a last resort and those read in place."""
+    header, args, infos = index_gguf(path, opts)
 
     fm = FileMap(path)
     state, dequantized, in_place = {}, [], set()

@@ -258,15 +258,12 @@ def _view(path, fm: FileMap, name: str, e: StEntry) -> torch.Tensor:
     return raw.view(_ST_TORCH[e.dtype]).view(e.shape)
 
 
-def load_hf(folder, opts: ReadOptions = ReadOptions(), progress=None) -> Checkpoint:
-    """A ``Checkpoint`` of an HF folder (config.json + safetensors), tensors read in place where the
-    layout allows (wq/wk need the HF->Meta row permutation: one tensor's copy at a time)."""
-    folder = Path(folder)
+def index_hf_folder(folder: Path) -> tuple[ModelArgs, list[Path], dict[str, tuple[Path, str, StEntry]]]:
+    """(args, the safetensors files, Meta name -> (file, HF key, header entry)): names, shapes and
+    offsets only (no tensor data read), checked against config.json."""
     config_path = folder / "config.json"
     args = args_from_hf_config(read_json_object(config_path), config_path)
     files = safetensors_files(folder)
-
-    # Names, shapes and offsets only (no tensor data read), checked against the config.
     where: dict[str, tuple[Path, str, StEntry]] = {}
     for file in files:
         for key, entry in read_safetensors_header(file).items():
@@ -280,6 +277,14 @@ def load_hf(folder, opts: ReadOptions = ReadOptions(), progress=None) -> Checkpo
             where[meta] = (file, key, entry)
     check_layers(config_path, "num_hidden_layers", args.n_layers, where)
     check_shapes(folder, args, {meta: e.shape for meta, (_, _, e) in where.items()})
+    return args, files, where
+
+
+def load_hf(folder, opts: ReadOptions = ReadOptions(), progress=None) -> Checkpoint:
+    """A ``Checkpoint`` of an HF folder (config.json + safetensors), tensors read in place where the
+    layout allows (wq/wk need the HF->Meta row permutation: one tensor's copy at a time)."""
+    folder = Path(folder)
+    args, files, where = index_hf_folder(folder)
 
     state, dequantized, in_place = {}, [], set()
     for file in files:
